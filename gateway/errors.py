@@ -1,0 +1,139 @@
+"""The gateway's error tree and its one renderer.
+
+Every failure a client can see is a ``GatewayError``; lower-level exceptions (aiohttp client
+errors, redis errors, JSON errors) are translated into one of these at the boundary where they
+happen (``upstream.py``, ``store.py``, ``validate.py``), never further in.
+
+    GatewayError
+    ├── InvalidRequest          400 invalid_request_error / invalid_request|invalid_json|invalid_image|
+    │                                                       unknown_model|too_many_images
+    ├── AuthenticationFailed    401 authentication_error / invalid_api_key
+    ├── Forbidden               403 permission_error / forbidden
+    ├── NotFound                404 invalid_request_error / not_found
+    ├── RequestTooLarge         413 invalid_request_error / request_too_large
+    ├── UnsupportedMediaType    415 invalid_request_error / unsupported_media_type
+    ├── RateLimited             429 rate_limit_error / rate_limit_exceeded
+    ├── QuotaExceeded           429 insufficient_quota / insufficient_quota
+    ├── UpstreamUnavailable     502 upstream_error / upstream_unavailable
+    ├── UpstreamBadResponse     502 upstream_error / upstream_bad_response
+    ├── StoreUnavailable        503 api_error / store_unavailable
+    └── UpstreamTimeout         504 upstream_error / upstream_timeout
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """An error with everything needed to answer the client in the provider's JSON shape."""
+
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def sse_event(self) -> bytes:
+        """The final event of a stream that failed after its first byte."""
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+
+class InvalidRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class AuthenticationFailed(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class RequestTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+def retry_headers(retry_after_s: float) -> dict[str, str]:
+    """``retry-after`` (whole seconds, rounded up) and ``retry-after-ms`` for 429 and 503."""
+    retry_after_s = max(0.0, retry_after_s)
+    return {
+        "retry-after": str(max(1, math.ceil(retry_after_s))),
+        "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000))),
+    }
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None):
+        super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s)})
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(GatewayError):
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None):
+        super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s)})
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamUnavailable(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_unavailable"
+
+
+class UpstreamBadResponse(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_bad_response"
+
+
+class StoreUnavailable(GatewayError):
+    status, type, code = 503, "api_error", "store_unavailable"
+
+    def __init__(self, message: str = "The gateway's store is unavailable; try again shortly.", **kw):
+        super().__init__(message, **kw)
+        self.headers.update(retry_headers(1.0))
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+def error_response(err: GatewayError, headers: Mapping[str, str] | None = None) -> web.Response:
+    """The one place an error becomes an HTTP response."""
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(err.body()),
+        content_type="application/json",
+        headers={**err.headers, **(headers or {})},
+    )

@@ -1,0 +1,42 @@
+"""One request's facts, filled in as it moves down the pipeline.
+
+The handler writes what it learns here; the metrics and the access log read it once, when the
+response is done. Nothing here may hold a key, a prompt or base64.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .usage import Usage
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    team: str | None = None
+    model: str = "other"  # the configured model id (aliases folded), else "other"
+    stream: bool = False
+    cache: str = "none"  # hit | miss | bypass | none
+    status: int = 0
+    error_code: str | None = None
+    upstream_s: float = 0.0  # time spent waiting on the upstream (excluded from overhead)
+    ttfb_s: float | None = None  # from arrival to the first byte of the response body
+    bytes_in: int = 0
+    bytes_out: int = 0
+    usage: Usage | None = None
+    duration_s: float = 0.0  # set when the response is finished
+
+    def finish(self) -> None:
+        self.duration_s = time.perf_counter() - self.started
+
+    def first_byte(self) -> None:
+        if self.ttfb_s is None:
+            self.ttfb_s = time.perf_counter() - self.started
+
+    @property
+    def overhead_s(self) -> float:
+        return max(0.0, self.duration_s - self.upstream_s)

@@ -1,0 +1,15 @@
+"""Typed application keys: the app's shared state, set once in ``app.create_app``."""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Any)  # store.Store
+LIMITER = web.AppKey("limiter", Any)  # limits.Limiter
+CACHE = web.AppKey("cache", Any)  # cache.Cache
+METRICS = web.AppKey("metrics", Any)  # metrics.Metrics
+UPSTREAM = web.AppKey("upstream", Any)  # upstream.Upstream

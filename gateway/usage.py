@@ -1,0 +1,74 @@
+"""What one request used and cost: the ``Usage`` value every completed request produces.
+
+Token types follow the provider: ``image``, ``reasoning`` and ``audio`` are parts of
+``completion``, not added to it. Cost = prompt x prompt price + image x image price +
+(completion - image) x completion price.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from .config import Prices
+
+TOKEN_TYPES = ("prompt", "completion", "image", "reasoning", "audio")
+
+
+def cost_usd(prompt: int, completion: int, image: int, prices: Prices) -> float:
+    text_completion = max(0, completion - image)
+    return (prompt * prices.prompt + image * prices.image + text_completion * prices.completion) / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt: int = 0
+    completion: int = 0
+    image: int = 0
+    reasoning: int = 0
+    audio: int = 0
+    images_in: int = 0
+    images_out: int = 0
+    cost_usd: float = 0.0
+    estimated: bool = False  # the provider said nothing; these are the gateway's estimates
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def tokens(self) -> dict[str, int]:
+        return {t: getattr(self, t) for t in TOKEN_TYPES}
+
+    def priced(self, prices: Prices) -> "Usage":
+        return replace(self, cost_usd=cost_usd(self.prompt, self.completion, self.image, prices))
+
+    @classmethod
+    def from_provider(
+        cls,
+        usage: Mapping[str, Any] | None,
+        *,
+        prices: Prices,
+        images_in: int = 0,
+        images_out: int = 0,
+        estimate: "Usage | None" = None,
+    ) -> "Usage":
+        """Read the provider's ``usage`` object; fall back to ``estimate`` when it is absent."""
+        if not isinstance(usage, Mapping):
+            base = estimate or cls()
+            return replace(base, images_in=images_in, images_out=images_out, estimated=True).priced(prices)
+        details = usage.get("completion_tokens_details") or {}
+        if not isinstance(details, Mapping):
+            details = {}
+        u = cls(
+            prompt=_int(usage.get("prompt_tokens")),
+            completion=_int(usage.get("completion_tokens")),
+            image=_int(details.get("image_tokens")),
+            reasoning=_int(details.get("reasoning_tokens")),
+            audio=_int(details.get("audio_tokens")),
+            images_in=images_in,
+            images_out=images_out,
+        )
+        return u.priced(prices)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
