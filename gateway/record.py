@@ -24,6 +24,7 @@ class RequestRecord:
     status: int = 0
     error_code: str | None = None
     upstream_s: float = 0.0  # time spent waiting on the upstream (excluded from overhead)
+    client_wait_s: float = 0.0  # time spent waiting for the client to take bytes (likewise)
     ttfb_s: float | None = None  # from arrival to the first byte of the response body
     bytes_in: int = 0
     bytes_out: int = 0
@@ -39,4 +40,4 @@ class RequestRecord:
 
     @property
     def overhead_s(self) -> float:
-        return max(0.0, self.duration_s - self.upstream_s)
+        return max(0.0, self.duration_s - self.upstream_s - self.client_wait_s)

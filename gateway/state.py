@@ -13,3 +13,4 @@ LIMITER = web.AppKey("limiter", Any)  # limits.Limiter
 CACHE = web.AppKey("cache", Any)  # cache.Cache
 METRICS = web.AppKey("metrics", Any)  # metrics.Metrics
 UPSTREAM = web.AppKey("upstream", Any)  # upstream.Upstream
+AUTH = web.AppKey("auth", Any)  # auth.Authenticator

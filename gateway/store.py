@@ -1,14 +1,47 @@
 """connect(url) -> the one store interface used by limits, the usage ledger and the cache.
 
-STUB: interface only; being implemented. Backends: memory:// (fakeredis + Lua in process),
-redis:// and rediss:// (one node), redis+cluster:// (Redis Cluster).
+Backends, chosen by the URL scheme:
+
+    memory://                     fakeredis in this process (with Lua): one process only
+    redis://[:pw@]host:port/db    one Redis node (rediss:// for TLS)
+    redis+cluster://host:port[,host:port...]   Redis Cluster (rediss+cluster:// for TLS)
+
+All three run the same Lua scripts (gateway/lua/<name>.lua), so the embedded default and Redis
+cannot drift. This module is the one boundary to Redis: every redis, socket and timeout error
+becomes ``StoreError`` here, once. Timeouts are short and there are no internal retries, so a
+dead or hung Redis costs an operation about ``timeout`` seconds (default 1), never a hang; the
+connection pool reconnects on its own when Redis comes back.
+
+URL query options (ours, removed before the URL reaches redis-py): ``timeout`` (whole
+operation, s, default 1.0), ``socket_timeout`` and ``socket_connect_timeout`` (s, default 0.5),
+``max_connections`` (in-flight operations per store, default 64).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+import asyncio
+import hashlib
+import logging
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+log = logging.getLogger(__name__)
+
+_ERRORS = (RedisError, RedisClusterException, OSError, EOFError)  # OSError covers TimeoutError
+_OUR_OPTIONS = ("timeout", "socket_timeout", "socket_connect_timeout", "max_connections")
 
 
 class Store(Protocol):
+    healthy: bool
+    last_error: str | None
+
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA the Lua script gateway/lua/<name>.lua (loading it on NOSCRIPT)."""
 
@@ -27,6 +60,160 @@ class Store(Protocol):
 class StoreError(Exception):
     """Any failure talking to the store (connection, timeout, script error)."""
 
+    def __init__(self, message: str, *, op: str = ""):
+        super().__init__(message)
+        self.op = op
 
-async def connect(url: str) -> Store:
-    raise NotImplementedError
+
+@lru_cache(maxsize=None)
+def script(name: str) -> tuple[str, str]:
+    """(source, sha1) of gateway/lua/<name>.lua, read once per process."""
+    source = (resources.files("gateway") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    return source, hashlib.sha1(source.encode()).hexdigest()
+
+
+class RedisStore:
+    """The Store interface over any redis-py asyncio client (fakeredis, one node, Cluster).
+
+    ``healthy`` and ``last_error`` follow the last operation, for /readyz.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        kind: str,
+        timeout_s: float = 1.0,
+        max_inflight: int = 64,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.kind = kind  # memory | redis | cluster
+        self.timeout_s = timeout_s
+        self.on_error = on_error
+        self.healthy = True
+        self.last_error: str | None = None
+        # bounds in-flight commands to the pool size: queue briefly instead of failing
+        self._slots = asyncio.Semaphore(max_inflight)
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._slots:
+                    result = await fn()
+        except _ERRORS as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            self.healthy, self.last_error = False, reason
+            if self.on_error is not None:
+                self.on_error(op)
+            raise StoreError(f"store {op} failed: {reason}", op=op) from None
+        self.healthy = True
+        return result
+
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        source, sha = script(name)
+
+        async def run() -> Any:
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # first use on this node: EVAL sends it and caches it
+                return await self.client.eval(source, len(keys), *keys, *args)
+
+        return await self._call(name, run)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call("get", lambda: self.client.get(key))
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False) -> bool:
+        px = max(1, int(ttl_s * 1000))
+        return bool(await self._call("set", lambda: self.client.set(key, value, px=px, nx=only_if_absent)))
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete", lambda: self.client.delete(key))
+
+    async def ping(self) -> None:
+        await self._call("ping", self.client.ping)
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except _ERRORS:  # closing a dead connection is not news
+            pass
+
+
+def _options(query: str) -> tuple[dict[str, float], str]:
+    """Split our options out of a URL query; return them and the query left for redis-py."""
+    ours: dict[str, float] = {}
+    rest = []
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        if k in _OUR_OPTIONS:
+            try:
+                ours[k] = float(v)
+            except ValueError:
+                raise ValueError(f"store.url: {k} must be a number, got {v!r}") from None
+        else:
+            rest.append((k, v))
+    return ours, urlencode(rest)
+
+
+def _cluster_nodes(netloc: str) -> tuple[list[ClusterNode], str | None, str | None]:
+    creds, _, hosts = netloc.rpartition("@")
+    user, _, password = creds.partition(":") if creds else ("", "", "")
+    nodes = []
+    for part in hosts.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"store.url: cluster node {part!r} must be host:port")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    return nodes, unquote(user) or None, unquote(password) or None
+
+
+async def connect(
+    url: str,
+    *,
+    timeout_s: float | None = None,
+    socket_timeout_s: float | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> RedisStore:
+    """Open the store named by ``url``. No I/O happens here: a Redis that is down at start
+    shows as StoreError on first use (and in /readyz), not as a failed start.
+
+    ``timeout_s``/``socket_timeout_s`` override the URL's; ``on_error(op)`` is called once per
+    failed operation (op = script name, or get/set/delete/ping) for ``gateway_store_errors_total``.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        import fakeredis  # embedded store only; not imported when Redis is configured
+
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        return RedisStore(client, kind="memory", timeout_s=timeout_s or 5.0, max_inflight=1024, on_error=on_error)
+
+    ours, query = _options(parts.query)
+    timeout = timeout_s or ours.get("timeout", 1.0)
+    sock = socket_timeout_s or ours.get("socket_timeout", min(0.5, timeout))
+    common: dict[str, Any] = {
+        "socket_timeout": sock,
+        "socket_connect_timeout": ours.get("socket_connect_timeout", sock),
+        "retry": Retry(NoBackoff(), 0),  # no hidden retries: one attempt, bounded by the timeouts
+        "max_connections": int(ours.get("max_connections", 64)),
+    }
+    if scheme in ("redis", "rediss"):
+        client = aioredis.Redis.from_url(urlunsplit(parts._replace(query=query)), **common)
+        kind = "redis"
+    elif scheme in ("redis+cluster", "rediss+cluster"):
+        nodes, user, password = _cluster_nodes(parts.netloc)
+        extra = dict(parse_qsl(query))
+        client = RedisCluster(
+            startup_nodes=nodes,
+            username=user,
+            password=password,
+            ssl=scheme.startswith("rediss"),
+            ssl_cert_reqs=extra.get("ssl_cert_reqs", "required"),
+            ssl_ca_certs=extra.get("ssl_ca_certs"),
+            **common,
+        )
+        kind = "cluster"
+    else:
+        raise ValueError(f"store.url: unsupported scheme {parts.scheme!r} (memory, redis, rediss, redis+cluster)")
+    return RedisStore(client, kind=kind, timeout_s=timeout, max_inflight=common["max_connections"], on_error=on_error)

@@ -72,3 +72,16 @@ class Usage:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+PROMPT_CHARS_PER_TOKEN = 4
+PROMPT_TOKENS_PER_IMAGE = 560
+
+
+def estimate(request) -> "Usage":
+    """What a request is expected to use before the provider says: the token reservation, and
+    the charge that stands when the provider never reports usage (its generation was under way).
+    ``request`` is a ``validate.ChatRequest``."""
+    prompt = -(-request.text_chars // PROMPT_CHARS_PER_TOKEN) + PROMPT_TOKENS_PER_IMAGE * len(request.images)
+    completion = request.max_completion_tokens or request.model.default_completion_tokens
+    return Usage(prompt=max(1, prompt), completion=completion, images_in=len(request.images), estimated=True)

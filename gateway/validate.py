@@ -1,13 +1,28 @@
 """Request body -> ChatRequest, or an InvalidRequest naming the field at fault.
 
-STUB: interface only; being implemented.
+Everything is checked before any upstream cost, cheapest first: JSON, ``model``, the shape of
+``messages`` and of every content part, the scalar parameters, the number of images, and only
+then each image's base64, magic number and size (``images.py``), one image at a time.
+Each error's ``param`` is the path of the field at fault (``messages[0].content[2]``) and its
+message starts with it.
+
+The body is forwarded as the client's own bytes unless the model name has to be rewritten to
+its ``upstream_id``; only then is the parsed body re-encoded. Fields the gateway does not know
+(``seed``, ``modalities``, ``image_config``, ``user``, ...) pass through untouched.
+
+``validate_async`` runs ``validate`` in a thread for bodies over ``INLINE_MAX_BYTES``.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from .config import Config, Limits, ModelConfig
+from .errors import InvalidRequest
+from .images import check_data_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +44,217 @@ class ChatRequest:
     max_completion_tokens: int | None  # max_completion_tokens, else max_tokens, else None
 
 
+INLINE_MAX_BYTES = 256 * 1024  # larger bodies are validated in a thread
+ROLES = ("system", "developer", "user", "assistant")
+DETAILS = ("auto", "low", "high")
+
+
 def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
-    raise NotImplementedError
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+            f"(byte {e.pos})",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"The request body must be a JSON object, not {_kind(body)}")
+
+    model = _model(body, config)
+    text_chars, image_parts = _messages(body)
+    _parameters(body)
+
+    if len(image_parts) > limits.max_images_per_request:
+        first_over = image_parts[limits.max_images_per_request][0]
+        raise InvalidRequest(
+            f"{first_over}: too many images: the request has {len(image_parts)}, the limit is "
+            f"{limits.max_images_per_request} per request",
+            code="too_many_images",
+            param=first_over,
+        )
+    max_bytes = limits.max_image_bytes
+    images = tuple(
+        ImageFact(param, *check_data_url(url, param=param, max_bytes=max_bytes))
+        for param, url in image_parts
+    )
+
+    if body["model"] != model.upstream_id:
+        body["model"] = model.upstream_id
+        raw = orjson.dumps(body)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    return ChatRequest(
+        body=body,
+        raw=raw,
+        model=model,
+        stream=bool(body.get("stream")),
+        images=images,
+        text_chars=text_chars,
+        max_completion_tokens=max_tokens,
+    )
 
 
 async def validate_async(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
-    raise NotImplementedError
+    """``validate``, off the event loop for large bodies (base64 checks of up to 100 MB)."""
+    if len(raw) > INLINE_MAX_BYTES:
+        return await asyncio.to_thread(validate, raw, config, limits)
+    return validate(raw, config, limits)
+
+
+def _bad(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"{param}: {what}", param=param)
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """A client-supplied string, quoted and cut short, safe to put in a message."""
+    if len(value) > limit:
+        value = value[:limit] + "..."
+    return orjson.dumps(value).decode()
+
+
+def _model(body: dict[str, Any], config: Config) -> ModelConfig:
+    name = body.get("model")
+    if name is None:
+        raise _bad("model", "is required")
+    if not isinstance(name, str):
+        raise _bad("model", f"must be a string, not {_kind(name)}")
+    model = config.model(name)
+    if model is None:
+        available = ", ".join(
+            m.id + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "") for m in config.models
+        )
+        raise InvalidRequest(
+            f"model: {_show(name)} is not available; available models: {available or 'none configured'}",
+            code="unknown_model",
+            param="model",
+        )
+    return model
+
+
+def _messages(body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
+    """Check every message and part; return the text length and the (param, url) of each image."""
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("messages", "is required")
+    if not isinstance(messages, list):
+        raise _bad("messages", f"must be an array of messages, not {_kind(messages)}")
+    if not messages:
+        raise _bad("messages", "must not be empty")
+    text_chars = 0
+    images: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        here = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(here, f"must be an object with role and content, not {_kind(message)}")
+        role = message.get("role")
+        if role is None:
+            raise _bad(f"{here}.role", f"is required (one of {', '.join(ROLES)})")
+        if not isinstance(role, str) or role not in ROLES:
+            shown = _show(role) if isinstance(role, str) else _kind(role)
+            raise _bad(f"{here}.role", f"{shown} is not a valid role; use one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            text_chars += len(content)
+        elif isinstance(content, list):
+            text_chars += _parts(content, f"{here}.content", images)
+        elif content is None and role == "assistant":
+            pass
+        elif content is None:
+            raise _bad(f"{here}.content", f"is required for a {role} message")
+        else:
+            raise _bad(f"{here}.content", f"must be a string or an array of content parts, not {_kind(content)}")
+    return text_chars, images
+
+
+def _parts(parts: list[Any], where: str, images: list[tuple[str, str]]) -> int:
+    if not parts:
+        raise _bad(where, "must not be an empty array")
+    text_chars = 0
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise _bad(here, f"a content part must be an object, not {_kind(part)}")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{here}.text", f"must be a string, not {_kind(text)}")
+            text_chars += len(text)
+        elif kind == "image":
+            url = part.get("image")
+            if not isinstance(url, str):
+                raise _bad(f"{here}.image", f"must be a data URL string, not {_kind(url)}")
+            images.append((here, url))
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            if isinstance(image_url, str):
+                url = image_url
+            elif isinstance(image_url, dict):
+                url = image_url.get("url")
+                if not isinstance(url, str):
+                    raise _bad(f"{here}.image_url.url", f"must be a data URL string, not {_kind(url)}")
+                detail = image_url.get("detail")
+                if detail is not None and detail not in DETAILS:
+                    shown = _show(detail) if isinstance(detail, str) else _kind(detail)
+                    raise _bad(f"{here}.image_url.detail", f"{shown} is not valid; use auto, low or high")
+            else:
+                raise _bad(f"{here}.image_url", f"must be an object with a url, not {_kind(image_url)}")
+            images.append((here, url))
+        elif kind is None:
+            raise _bad(f"{here}.type", "is required (text, image or image_url)")
+        else:
+            shown = _show(kind) if isinstance(kind, str) else _kind(kind)
+            raise _bad(here, f"content part type {shown} is not supported; use text, image or image_url")
+    return text_chars
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parameters(body: dict[str, Any]) -> None:
+    for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value):
+            raise _bad(name, f"must be a number from {low} to {high}, not {_kind(value)}")
+        if not low <= value <= high:
+            raise _bad(name, f"must be from {low} to {high}; got {value}")
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            raise _bad(name, f"must be a positive integer; got {value}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(name, f"must be a positive integer, not {_kind(value)}")
+        if value < 1:
+            raise _bad(name, f"must be a positive integer; got {value}")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream", f"must be a boolean, not {_kind(stream)}")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
+        shown = n if _is_number(n) else _kind(n)
+        raise _bad("n", f"must be 1 (the model returns one choice per request); got {shown}")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("stream_options", f"must be an object, not {_kind(options)}")

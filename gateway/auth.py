@@ -1,0 +1,43 @@
+"""Bearer key -> Team, by the SHA-256 of the key: the config never holds a raw key."""
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from .config import Config, Team
+from .errors import AuthenticationFailed, Forbidden
+from .keytool import hash_key
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(self, config: Config) -> None:
+        self._teams = {h: team for team in config.teams for h in team.key_hashes}
+        self._admin = frozenset(config.admin.key_hashes)
+
+    def team(self, request: web.Request) -> Team:
+        token = bearer_token(request)
+        team = self._teams.get(hash_key(token)) if token else None
+        if team is None:
+            raise AuthenticationFailed(
+                "Invalid API key. Send your team's key as 'Authorization: Bearer <key>'."
+                if token
+                else "Missing API key. Send your team's key as 'Authorization: Bearer <key>'."
+            )
+        return team
+
+    def admin(self, request: web.Request) -> None:
+        token = bearer_token(request)
+        if not token:
+            raise AuthenticationFailed("Missing API key. Admin routes need 'Authorization: Bearer <admin key>'.")
+        digest = hash_key(token)
+        if not any(hmac.compare_digest(digest, h) for h in self._admin):
+            raise Forbidden("This route needs an admin key.")

@@ -1,0 +1,282 @@
+"""The response cache: what is cacheable, its key, get/put in the store, and single-flight.
+
+An image costs dollars and up to minutes; asked again deterministically, it is already paid
+for. The key is a SHA-256 over everything that shapes the output (images by the hash of their
+decoded bytes), hash-tagged ``gw:cache:{<hex>}`` so an entry (``...:entry``) and its
+single-flight lock (``...:lock``) share one Cluster slot. The cache never fails a request: a
+store error is logged and counted, then treated as a miss. Entries and their rendering live
+in ``cache_entry``.
+
+The handler's sequence::
+
+    decision = decide(team, request, cache_control)
+    hit = await cache.get(decision)                     # None unless decision.lookup
+    if hit: serve it                                    # x-cache: HIT, age: hit[1]
+    async with cache.single_flight(decision, upstream_timeout_s) as flight:
+        if flight.entry: serve it as a hit              # age: flight.age_s
+        else: call upstream, relay, build the entry or None;
+              await flight.publish(entry)               # stores it, wakes the waiters
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import re
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import orjson
+
+from .cache_entry import CacheEntry, EntryFormatError
+from .config import Team
+from .store import Store, StoreError
+from .validate import ChatRequest, ImageFact
+
+log = logging.getLogger(__name__)
+
+NOT_IN_KEY = frozenset({"stream", "stream_options", "user"})  # change the framing, not the answer
+IMAGE_PART_TYPES = frozenset({"image", "image_url"})  # provider and OpenAI shapes of one image
+_DIRECTIVE = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^,\s]*))?')
+_POLL_FIRST_S, _POLL_MAX_S = 0.05, 1.0  # a remote leader's entry is polled with this backoff
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDecision:
+    key: str | None  # "gw:cache:{<hex>}", base of the entry and lock keys; None: not cacheable
+    lookup: bool
+    store: bool
+    label: str  # "miss" or "bypass"; the handler says "hit" when it serves an entry
+    ttl_s: float = 0  # the team's cache settings, for put()
+    max_entry_bytes: int = 0
+
+
+BYPASS = CacheDecision(None, False, False, "bypass")
+
+
+def directives(cache_control: str | None) -> set[str]:
+    """Cache-Control directive names, lower-cased; values (quoted ones too) are skipped."""
+    return {m.group(1).lower() for m in _DIRECTIVE.finditer(cache_control or "")}
+
+
+def _cacheable(mode: str, body: dict[str, Any]) -> bool:
+    if mode == "always":
+        return True
+    temperature = body.get("temperature")
+    return mode == "deterministic" and (
+        body.get("seed") is not None
+        or (type(temperature) in (int, float) and temperature == 0)  # not bool False
+    )
+
+
+def decide(team: Team, request: ChatRequest, cache_control: str | None) -> CacheDecision:
+    """Whether this request looks up and/or stores, under which key; never raises."""
+    names = directives(cache_control)
+    if "no-store" in names or not _cacheable(team.cache.mode, request.body):
+        return BYPASS
+    try:
+        key = cache_key(team, request)
+    except (ValueError, TypeError) as e:  # facts and parts disagree, or an unencodable body
+        log.warning("request not cacheable: %s", e)
+        return BYPASS
+    return CacheDecision(key, lookup="no-cache" not in names, store=True, label="miss",
+                         ttl_s=team.cache.ttl_s, max_entry_bytes=team.cache.max_entry_bytes)
+
+
+def cache_key(team: Team, request: ChatRequest) -> str:
+    """The store key: SHA-256 over the canonical body, namespaced by team unless scope is global.
+
+    Every body field is in except NOT_IN_KEY. Image parts (``image`` or ``image_url``) become
+    ``{"image_sha256": ...}``: base64 wrapping, part shape and ``detail`` do not count (the
+    provider's ``image`` parts have no ``detail`` and the model has no such setting).
+    """
+    images = iter(request.images)
+    body = {k: v for k, v in request.body.items() if k not in NOT_IN_KEY}
+    body["messages"] = [_message(m, images) for m in request.body.get("messages") or ()]
+    if next(images, None) is not None:
+        raise ValueError("more image facts than image parts")
+    scope = ["global"] if team.cache.scope == "global" else ["team", team.name]
+    canonical = orjson.dumps({"v": 1, "scope": scope, "body": body}, option=orjson.OPT_SORT_KEYS)
+    return f"gw:cache:{{{hashlib.sha256(canonical).hexdigest()}}}"
+
+
+def _message(message: Any, images: Iterator[ImageFact]) -> Any:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": [_part(p, images) for p in content]}
+
+
+def _part(part: Any, images: Iterator[ImageFact]) -> Any:
+    if not (isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES):
+        return part
+    fact = next(images, None)
+    if fact is None:
+        raise ValueError("fewer image facts than image parts")
+    return {"image_sha256": fact.sha256}
+
+
+class Flight:
+    """One request's place in a single-flight: serve ``entry`` (``age_s``), or lead.
+
+    A leader calls upstream and then ``publish``es what it got, None included.
+    """
+
+    __slots__ = ("entry", "age_s", "leader", "_cache", "_decision", "_future")
+
+    def __init__(self, *, entry: CacheEntry | None = None, age_s: int = 0, cache: "Cache | None" = None,
+                 decision: CacheDecision | None = None, future: asyncio.Future | None = None) -> None:
+        self.entry, self.age_s, self.leader = entry, age_s, entry is None
+        self._cache, self._decision, self._future = cache, decision, future
+
+    async def publish(self, entry: CacheEntry | None) -> bool:
+        """Hand the entry to this process's waiters, then store it; True when stored.
+
+        None (failure, nothing cacheable) lets a waiter lead instead. The store write comes
+        before the lock is released, so other replicas' waiters find the entry.
+        """
+        if entry is None or self._cache is None or self._decision is None:
+            return False
+        if self._future is not None and not self._future.done():
+            self._future.set_result((entry, 0))
+        return await self._cache.put(self._decision, entry)
+
+
+class Cache:
+    """Entries in the store, and single-flight for identical requests in flight.
+
+    Store errors are counted by the store itself; here they are logged and become misses.
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self._store, self._clock = store, clock
+        # key -> future of (entry, age_s), or of None when the flight failed
+        self._flights: dict[str, asyncio.Future] = {}
+
+    async def get(self, decision: CacheDecision) -> tuple[CacheEntry, int] | None:
+        """The entry and its age in whole seconds, or None (no lookup, a miss, a store error)."""
+        if decision.key is None or not decision.lookup:
+            return None
+        return await self._read(decision.key)
+
+    async def _read(self, key: str) -> tuple[CacheEntry, int] | None:
+        try:
+            raw = await self._store.get(key + ":entry")
+            entry = None if raw is None else CacheEntry.decode(raw)
+        except (StoreError, EntryFormatError) as e:
+            log.warning("cache read failed, treated as a miss: %s", e)
+            return None
+        return None if entry is None else (entry, max(0, int(self._clock() - entry.stored_at)))
+
+    async def put(self, decision: CacheDecision, entry: CacheEntry | None, ttl_s: float | None = None,
+                  max_entry_bytes: int | None = None) -> bool:
+        """Store a complete success; False when not stored (no-store, over-size, store error).
+
+        ``ttl_s`` and ``max_entry_bytes`` default to the team's, carried by the decision.
+        """
+        if decision.key is None or not decision.store or entry is None:
+            return False
+        ttl_s = decision.ttl_s if ttl_s is None else ttl_s
+        max_entry_bytes = decision.max_entry_bytes if max_entry_bytes is None else max_entry_bytes
+        entry = replace(entry, stored_at=self._clock())
+        size = entry.encoded_size()
+        if size > max_entry_bytes:
+            log.info("cache entry not stored: %d bytes, over max_entry_mb (%d bytes)", size, max_entry_bytes)
+            return False
+        try:
+            return bool(await self._store.set(decision.key + ":entry", entry.encode(), ttl_s=ttl_s))
+        except StoreError as e:
+            log.warning("cache write failed, entry not stored: %s", e)
+            return False
+
+    @asynccontextmanager
+    async def single_flight(self, decision: CacheDecision, timeout_s: float) -> AsyncIterator[Flight]:
+        """One upstream call for identical in-flight requests, in this process and across replicas.
+
+        In a process, waiters share one future. The first request of a process also takes the
+        store lock (TTL ``timeout_s``), or, while another replica holds it, polls the store for
+        that replica's entry on behalf of its process. A leader that fails or leaves releases
+        both, and one waiter leads in its place. A waiter still without an answer after
+        ``timeout_s`` leads too (unlocked), so none waits longer. Cancelling a waiter touches
+        nothing shared. After a store error a request leads unlocked. Requests that skip the
+        lookup (no-cache) or are not cacheable lead at once, without coordination.
+        """
+        key = decision.key
+        if key is None or not decision.lookup:
+            yield Flight(cache=self, decision=decision)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        joined = await self._join_local(decision, deadline)
+        if joined is not None:
+            yield joined
+            return
+        future = loop.create_future()
+        self._flights[key] = future
+        token: str | None = None
+        try:
+            entry, token = await self._join_store(key, deadline, timeout_s)
+            if entry is not None:
+                future.set_result(entry)
+                yield Flight(entry=entry[0], age_s=entry[1])
+            else:
+                yield Flight(cache=self, decision=decision, future=future)
+        finally:
+            try:
+                if token is not None:
+                    await asyncio.shield(self._unlock(key, token))
+            finally:  # waiters wake after the lock is gone, so one of them can take it
+                if self._flights.get(key) is future:
+                    del self._flights[key]
+                if not future.done():
+                    future.set_result(None)
+
+    async def _join_local(self, decision: CacheDecision, deadline: float) -> Flight | None:
+        """Wait for this process's flight on the key; None when there is none (any more)."""
+        loop = asyncio.get_running_loop()
+        while (future := self._flights.get(decision.key)) is not None:
+            try:  # shield: our cancellation or timeout must not cancel the shared future
+                result = await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
+            except TimeoutError:
+                log.warning("single-flight wait timed out; calling upstream without the lock")
+                return Flight(cache=self, decision=decision)
+            if result is not None:
+                return Flight(entry=result[0], age_s=result[1])
+        return None
+
+    async def _join_store(self, key: str, deadline: float,
+                          lock_ttl_s: float) -> tuple[tuple[CacheEntry, int] | None, str | None]:
+        """(entry, None) when another replica produced it; (None, token) to lead with the lock;
+        (None, None) to lead without it (store error, or the deadline passed)."""
+        loop = asyncio.get_running_loop()
+        token, delay = secrets.token_hex(16), _POLL_FIRST_S
+        while True:
+            try:
+                locked = await self._store.set(key + ":lock", token.encode(), ttl_s=lock_ttl_s,
+                                               only_if_absent=True)
+            except StoreError as e:
+                log.warning("cache lock failed, leading without it: %s", e)
+                return None, None
+            hit = await self._read(key)  # also when locked: the last leader may just have finished
+            if hit is not None:
+                if locked:
+                    await self._unlock(key, token)
+                return hit, None
+            if locked:
+                return None, token
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("single-flight wait timed out; calling upstream without the lock")
+                return None, None
+            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    async def _unlock(self, key: str, token: str) -> None:
+        try:
+            await self._store.run_script("cache_unlock", [key + ":lock"], [token])
+        except StoreError as e:
+            log.warning("cache unlock failed, the lock's TTL ends it: %s", e)

@@ -1,0 +1,91 @@
+"""``gateway demo``: the simulator and a gateway on the embedded store, in one process."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+
+from aiohttp import web
+
+from .keytool import hash_key
+from .config import Config
+from .config_loader import parse
+
+DEMO_LATENCY_MS = 800  # long enough to see streaming happen, short enough to stay fun
+
+SNIPPET = """\
+Demo gateway on http://127.0.0.1:{port}  (upstream: the simulator on {sim_url})
+Team "demo" key: {key}
+
+curl: generate an image and save it
+  curl -s http://127.0.0.1:{port}/v1/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "google/gemini-3-pro-image-preview", "messages": [{{"role": "user", "content": "a lighthouse at dawn"}}]}}' \\
+  | python3 -c 'import sys,json,base64; u=json.load(sys.stdin)["choices"][0]["message"]["images"][0]["image_url"]["url"]; open("image.jpg","wb").write(base64.b64decode(u.split(",",1)[1])); print("saved image.jpg")'
+
+Python (pip install openai):
+  import base64, openai
+  client = openai.OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="{key}")
+  r = client.chat.completions.create(model="google/gemini-3-pro-image-preview",
+      messages=[{{"role": "user", "content": "a lighthouse at dawn"}}])
+  url = r.choices[0].message.model_extra["images"][0]["image_url"]["url"]
+  open("image.jpg", "wb").write(base64.b64decode(url.split(",", 1)[1]))
+
+Usage so far:  curl -s -H "Authorization: Bearer {key}" http://127.0.0.1:{port}/v1/usage
+Metrics:       curl -s http://127.0.0.1:{port}/metrics
+Ctrl-C stops both.
+"""
+
+
+def demo_config(port: int, sim_url: str, sim_key: str, team_key: str) -> Config:
+    return parse(
+        {
+            "server": {"host": "127.0.0.1", "port": port},
+            "upstream": {"base_url": sim_url, "api_key": sim_key, "max_retries": 1},
+            "store": {"url": "memory://"},
+            "teams": [
+                {
+                    "name": "demo",
+                    "keys": ["sha256:" + hash_key(team_key)],
+                    "limits": {"requests_per_minute": 30, "tokens_per_minute": 200000, "max_concurrent": 4},
+                    "quota": {"tokens_per_day": 2000000, "usd_per_month": 50},
+                }
+            ],
+            "logging": {"level": "info", "format": "text"},
+        }
+    )
+
+
+def run_demo(port: int) -> int:
+    from .accesslog import configure_logging
+    from .server import use_uvloop
+
+    use_uvloop()
+    return asyncio.run(_demo(port, configure_logging))
+
+
+async def _demo(port: int, configure_logging) -> int:
+    from .app import create_app
+    from .simulator import create_app as create_simulator
+
+    sim_key = secrets.token_urlsafe(24)
+    team_key = "gw-demo-" + secrets.token_urlsafe(24)
+    sim_runner = web.AppRunner(create_simulator(api_key=sim_key, latency_ms=DEMO_LATENCY_MS), access_log=None)
+    await sim_runner.setup()
+    await web.TCPSite(sim_runner, "127.0.0.1", 0).start()
+    sim_url = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
+    config = demo_config(port, sim_url, sim_key, team_key)
+    configure_logging(config.logging)
+    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    bound = runner.addresses[0][1]
+    print(SNIPPET.format(port=bound, sim_url=sim_url, key=team_key), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await sim_runner.cleanup()
+    return 0

@@ -1,0 +1,141 @@
+"""Inline images: base64 data URLs, checked by their magic bytes (never decoded as pictures).
+
+``check_data_url`` turns ``data:<mime>;base64,<data>`` into ``(mime, decoded size, sha256 hex)``
+or raises ``InvalidRequest(code="invalid_image", param=<the part>)``. The gateway fetches
+nothing, so any other URL is refused.
+
+The base64 is decoded in slices of ``SLICE`` characters; each decoded slice is hashed and
+dropped. So no decoded copy of a whole image ever exists, an oversized image is refused as soon
+as it crosses the limit, a wrong magic number as soon as the first slice is decoded, and a
+thread running this hands the GIL back to the event loop between slices.
+
+Base64 must be strictly valid (``binascii.a2b_base64(strict_mode=True)``: standard alphabet,
+correct padding), except that ASCII whitespace (space, tab, CR, LF) is ignored, so the same
+image wrapped at 76 columns or not gives the same facts.
+"""
+from __future__ import annotations
+
+import hashlib
+from binascii import a2b_base64
+
+import orjson
+
+from .errors import InvalidRequest
+
+MIME_ALIASES = {
+    "image/png": "image/png",
+    "image/jpeg": "image/jpeg",
+    "image/jpg": "image/jpeg",
+    "image/webp": "image/webp",
+    "image/gif": "image/gif",
+}
+FORMAT_NAMES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+
+SLICE = 1 << 20  # base64 characters decoded at a time; a multiple of 4
+_HEAD = 12  # bytes needed to tell the formats apart (WEBP: RIFF....WEBP)
+_MAX_HEADER = 64  # characters between "data:" and the comma
+_WHITESPACE = b" \t\r\n"
+
+
+def sniff(head: bytes) -> str | None:
+    """The MIME type that the first bytes of an image announce, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _mb(n: int) -> str:
+    mb = f"{n / (1024 * 1024):.2f}".rstrip("0").rstrip(".")
+    return f"{n} bytes" if mb == "0" else f"{mb} MB"
+
+
+def check_data_url(url: str, *, param: str, max_bytes: int) -> tuple[str, int, str]:
+    """``(mime, decoded size, sha256 hex)`` of a base64 image data URL, or InvalidRequest."""
+
+    def bad(what: str) -> InvalidRequest:
+        return InvalidRequest(f"{param}: {what}", code="invalid_image", param=param)
+
+    if url[:5].lower() != "data:":
+        if url[:8].lower().startswith(("http://", "https://")):
+            raise bad("remote image URLs are not fetched; send the image inline as a base64 "
+                      "data URL (data:image/png;base64,...)")
+        raise bad("the image must be a base64 data URL (data:<mime>;base64,<data>); "
+                  "the gateway fetches no URLs")
+    comma = url.find(",", 5, 5 + _MAX_HEADER)
+    declared, sep, encoding = url[5:max(comma, 5)].lower().rpartition(";")
+    if not sep or encoding != "base64":
+        raise bad("the image must be a base64 data URL of the form data:<mime>;base64,<data>")
+    mime = MIME_ALIASES.get(declared)
+    if mime is None:
+        raise bad(f"image type {orjson.dumps(declared[:40]).decode()} is not supported; use image/png, image/jpeg, "
+                  "image/webp or image/gif")
+
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    sniffed = False
+    carry = b""  # slow path: the last partial 4-character group, kept for the next slice
+    slow = False  # whitespace (or an error) seen: strip whitespace and re-align the groups
+    padded = False  # the last group decoded ended in "=": nothing may follow
+    not_base64 = bad("the image's base64 is not valid (truncated, or not standard base64)")
+    end = len(url)
+    for start in range(comma + 1, end, SLICE):
+        text = url[start:start + SLICE]
+        piece = None
+        if not slow:
+            try:
+                piece = a2b_base64(text, strict_mode=True)
+                group_end = text[-1]
+            except ValueError:
+                slow = True
+        if slow:
+            try:
+                data = carry + text.encode("ascii").translate(None, _WHITESPACE)
+            except UnicodeEncodeError:
+                raise not_base64 from None
+            cut = len(data) - len(data) % 4
+            carry = data[cut:]
+            if not cut:
+                continue
+            try:
+                piece = a2b_base64(memoryview(data)[:cut], strict_mode=True)
+            except ValueError:
+                raise not_base64 from None
+            group_end = chr(data[cut - 1])
+        if padded:
+            raise not_base64
+        padded = group_end == "="
+        size += len(piece)
+        if size > max_bytes:
+            estimate = max(size, (end - comma - 1) * 3 // 4)
+            raise bad(f"the image is about {_mb(estimate)} decoded; the limit is "
+                      f"{_mb(max_bytes)} per image")
+        if not sniffed:
+            head += piece[:_HEAD - len(head)]
+            if len(head) >= _HEAD:
+                _check_magic(head, mime, bad)
+                sniffed = True
+        digest.update(piece)
+        del piece
+    if carry:
+        raise not_base64
+    if size == 0:
+        raise bad("the image data is empty")
+    if not sniffed:
+        _check_magic(head, mime, bad)
+    return mime, size, digest.hexdigest()
+
+
+def _check_magic(head: bytes, mime: str, bad) -> None:
+    actual = sniff(head)
+    if actual == mime:
+        return
+    if actual is None:
+        raise bad(f"declared {mime} but the bytes are not a PNG, JPEG, WEBP or GIF image")
+    raise bad(f"declared {mime} but the bytes are {FORMAT_NAMES[actual]}")

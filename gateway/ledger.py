@@ -1,0 +1,148 @@
+"""The usage ledger: key names (shared with the Lua scripts through their arguments) and the
+read side behind ``GET /v1/usage``, ``GET /admin/usage`` and ``gateway usage``.
+
+Per team and UTC period, one hash each, written by settle.lua in the same round trip that
+settles the request, and kept in the store so it survives gateway restarts:
+
+    gw:{team:<name>}:usage:day:YYYY-MM-DD   expires after ~40 days
+    gw:{team:<name>}:usage:month:YYYY-MM    expires after ~400 days
+
+Fields: requests, prompt/completion/image/reasoning/audio tokens, images_in, images_out,
+cost_micro (integer micro-dollars: exact sums, no float drift), cache_hits, cache_saved_tokens;
+the day hash also holds quota_tokens (settled tokens plus in-flight reservations: what
+``tokens_per_day`` is checked against). Every key of a team carries its hash tag, so one
+script reads both hashes, Cluster-safe.
+"""
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any, Mapping
+
+from .config import Team
+from .usage import TOKEN_TYPES, Usage
+
+DAY_TTL_S = 40 * 86400
+MONTH_TTL_S = 400 * 86400
+QUOTA_TOKENS = "quota_tokens"  # day field: tokens counted against tokens_per_day
+COST_MICRO = "cost_micro"  # month field: micro-dollars, checked against usd_per_month
+COUNTS = ("requests", *TOKEN_TYPES, "images_in", "images_out", COST_MICRO, "cache_hits", "cache_saved_tokens")
+
+
+def team_prefix(team: str) -> str:
+    """Every key of a team starts so; the braces make one Cluster hash slot per team."""
+    return f"gw:{{team:{team}}}:"
+
+
+def usage_prefix(team: str) -> str:
+    return team_prefix(team) + "usage:"
+
+
+def day_key(team: str, day: date | str) -> str:
+    return f"{usage_prefix(team)}day:{day if isinstance(day, str) else day.isoformat()}"
+
+
+def month_key(team: str, month: str) -> str:
+    return f"{usage_prefix(team)}month:{month}"
+
+
+def period(ts: float) -> tuple[str, str]:
+    """('YYYY-MM-DD', 'YYYY-MM') of a UNIX time, in UTC."""
+    d = datetime.fromtimestamp(ts, timezone.utc).date()
+    return d.isoformat(), d.isoformat()[:7]
+
+
+def increments(usage: Usage, *, cached: bool) -> list[Any]:
+    """Ledger field/increment pairs for settle.lua. A cache hit is charged nothing: it counts
+    as a request and a hit, and its tokens as saved."""
+    counts = dict.fromkeys(COUNTS, 0)
+    counts["requests"] = 1
+    if cached:
+        counts["cache_hits"] = 1
+        counts["cache_saved_tokens"] = usage.total
+    else:
+        counts.update(usage.tokens())
+        counts["images_in"], counts["images_out"] = usage.images_in, usage.images_out
+        counts[COST_MICRO] = round(usage.cost_usd * 1_000_000)
+    return [x for field, n in counts.items() if n for x in (field, int(n))]
+
+
+def _decode(flat: list[Any] | None) -> dict[str, int]:
+    flat = flat or []
+    return {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _shape(raw: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "requests": raw.get("requests", 0),
+        "tokens": {t: raw.get(t, 0) for t in TOKEN_TYPES},
+        "images_in": raw.get("images_in", 0),
+        "images_out": raw.get("images_out", 0),
+        "cost_usd": raw.get(COST_MICRO, 0) / 1_000_000,
+        "cache_hits": raw.get("cache_hits", 0),
+        "cache_saved_tokens": raw.get("cache_saved_tokens", 0),
+    }
+
+
+async def read_usage(store: Any, team_name: str, *, day: date | None = None, month: str | None = None) -> dict:
+    """The team's ledger for ``day`` and/or ``month`` ('YYYY-MM'), in one round trip.
+
+    Returns {"day": {"date": ..., requests, tokens{...}, images_in, images_out, cost_usd,
+    cache_hits, cache_saved_tokens, quota_tokens}, "month": {"month": ..., same}}, holding only
+    the periods asked for (both None: today and this month, UTC). Raises StoreError.
+    """
+    if day is None and month is None:
+        today = datetime.now(timezone.utc).date()
+        day, month = today, today.isoformat()[:7]
+    keys, names = [], []
+    if day is not None:
+        keys.append(day_key(team_name, day))
+        names.append("day")
+    if month is not None:
+        keys.append(month_key(team_name, month))
+        names.append("month")
+    raw = await store.run_script("usage", keys, [])
+    out: dict[str, Any] = {}
+    for name, flat in zip(names, raw):
+        fields = _decode(flat)
+        if name == "day":
+            out["day"] = {"date": day.isoformat(), **_shape(fields), QUOTA_TOKENS: fields.get(QUOTA_TOKENS, 0)}
+        else:
+            out["month"] = {"month": month, **_shape(fields)}
+    return out
+
+
+def remaining(team: Team, day_quota_tokens: int, month_cost_micro: int) -> dict[str, float | None]:
+    """What is left of each quota (None: no such quota); never below zero."""
+    q = team.quota
+    return {
+        "tokens_per_day": None if q.tokens_per_day is None else max(0, q.tokens_per_day - day_quota_tokens),
+        "usd_per_month": None
+        if q.usd_per_month is None
+        else max(0.0, round(q.usd_per_month - month_cost_micro / 1_000_000, 6)),
+    }
+
+
+async def team_usage_report(store: Any, team: Team, now: datetime | float) -> dict:
+    """What ``GET /v1/usage`` answers: today, this month, the team's limits and what remains."""
+    when = now if isinstance(now, datetime) else datetime.fromtimestamp(now, timezone.utc)
+    today = when.astimezone(timezone.utc).date()
+    usage = await read_usage(store, team.name, day=today, month=today.isoformat()[:7])
+    lim = team.limits
+    return {
+        "team": team.name,
+        "day": usage["day"],
+        "month": usage["month"],
+        "limits": {
+            "requests_per_minute": lim.requests_per_minute,
+            "tokens_per_minute": lim.tokens_per_minute,
+            "max_concurrent": lim.max_concurrent,
+        },
+        "quota": {"tokens_per_day": team.quota.tokens_per_day, "usd_per_month": team.quota.usd_per_month},
+        "remaining": remaining(
+            team, usage["day"][QUOTA_TOKENS], round(usage["month"]["cost_usd"] * 1_000_000)
+        ),
+    }

@@ -1,0 +1,202 @@
+"""Server-sent events split on raw chunks, never by line reading.
+
+One ``data:`` line may carry a 30 MB image, so a line reader with a small buffer is out.
+``EventScanner`` finds event boundaries in the chunks as they arrive and reports what the
+gateway needs from a stream: the usage, how many images went out, the finish reason, whether
+``[DONE]`` came, and an error event if the provider sent one. Events larger than ``large`` are
+*skimmed* unless the caller wants whole events (the cache does): only their head and tail are
+kept and image markers are counted on the fly, so relaying a huge event costs no second copy.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import orjson
+
+SEPARATORS = (b"\n\n", b"\r\n\r\n")
+IMAGE_MARKERS = (b'"type":"image_url"', b'"type": "image_url"')
+HEAD_BYTES = 4096
+TAIL_BYTES = 64 * 1024
+FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z_]+)"')
+
+
+def event_data(event: bytes | bytearray) -> memoryview | None:
+    """The ``data:`` payload of one event (multi-line data joined), or None if it has none."""
+    view = memoryview(event)
+    if event.startswith(b"data:") and b"\n" not in event:  # the usual case: no copy
+        start = 6 if event[5:6] == b" " else 5
+        return view[start:]
+    parts = []
+    for line in bytes(event).splitlines():
+        if line.startswith(b"data:"):
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+    return memoryview(b"\n".join(parts)) if parts else None
+
+
+def _find_separator(buf: bytes | bytearray, start: int) -> tuple[int, int]:
+    """(index, length) of the first event separator at or after ``start``, or (-1, 0)."""
+    best, length = -1, 0
+    for sep in SEPARATORS:
+        i = buf.find(sep, start)
+        if i != -1 and (best == -1 or i < best):
+            best, length = i, len(sep)
+    return best, length
+
+
+def _json_object_after(text: bytes, pos: int) -> Any:
+    """Parse the JSON value that starts at the first ``{`` or ``null`` after ``pos``."""
+    colon = text.find(b":", pos)
+    if colon == -1:
+        return None
+    rest = text[colon + 1 :].lstrip()
+    if not rest.startswith(b"{"):
+        return None
+    depth, in_str, esc = 0, False, False
+    for i, c in enumerate(rest):
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                try:
+                    return orjson.loads(rest[: i + 1])
+                except orjson.JSONDecodeError:
+                    return None
+    return None
+
+
+class EventScanner:
+    """Feed raw chunks; read ``usage``, ``images_out``, ``finish_reason``, ``done``, ``error``."""
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None, *, large: int = 1 << 20) -> None:
+        self.on_event = on_event  # gets every parsed event; whole events are kept for it
+        self.large = large
+        self.usage: dict | None = None
+        self.images_out = 0
+        self.finish_reason: str | None = None
+        self.done = False
+        self.error: dict | None = None
+        self.events = 0
+        self._buf = bytearray()
+        self._scan_from = 0
+        self._skim: _Skim | None = None
+
+    @property
+    def mid_event(self) -> bool:
+        """True when a partial event is pending (a cut stream needs a separator first)."""
+        return bool(self._buf) or self._skim is not None
+
+    def feed(self, chunk: bytes) -> list[bytearray]:
+        """Consume one chunk; return the complete events still to be parsed and handled."""
+        pending: list[bytearray] = []
+        pos = 0
+        while pos < len(chunk):
+            if self._skim is not None:
+                consumed = self._skim.feed(chunk, pos)
+                if consumed < 0:
+                    break
+                self._finish_skim()
+                pos = consumed
+                continue
+            before = len(self._buf)
+            self._buf += chunk if pos == 0 else memoryview(chunk)[pos:]
+            pos = len(chunk)
+            idx, seplen = _find_separator(self._buf, max(0, before - 3))
+            while idx != -1:
+                event = self._buf[:idx]
+                del self._buf[: idx + seplen]
+                if event:
+                    pending.append(event)
+                idx, seplen = _find_separator(self._buf, 0)
+            if self.on_event is None and len(self._buf) > self.large:
+                self._skim = _Skim(self._buf)
+                self._buf = bytearray()
+        return pending
+
+    def handle(self, payload: memoryview | None, parsed: Any = None) -> None:
+        """Record one complete event's data (``parsed`` if the caller already parsed it)."""
+        if payload is None:
+            return  # a comment or a field-only event
+        if parsed is None:
+            if payload == b"[DONE]":
+                self.done = True
+                return
+            try:
+                parsed = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return  # not ours to judge; it was relayed as it came
+        if not isinstance(parsed, dict):
+            return
+        self.events += 1
+        if isinstance(parsed.get("error"), dict):
+            self.error = parsed["error"]
+        if isinstance(parsed.get("usage"), dict):
+            self.usage = parsed["usage"]
+        for choice in parsed.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            delta = choice.get("delta") or choice.get("message") or {}
+            images = delta.get("images") if isinstance(delta, dict) else None
+            if isinstance(images, list):
+                self.images_out += len(images)
+        if self.on_event is not None:
+            self.on_event(parsed)
+
+    def _finish_skim(self) -> None:
+        skim, self._skim = self._skim, None
+        self.events += 1
+        self.images_out += skim.images
+        tail = bytes(skim.tail)
+        for text in (tail, skim.head):
+            pos = text.rfind(b'"usage"')
+            if pos != -1:
+                usage = _json_object_after(text, pos)
+                if isinstance(usage, dict):
+                    self.usage = usage
+                    break
+        for text in (tail, skim.head):
+            reasons = FINISH_RE.findall(text)
+            if reasons:
+                self.finish_reason = reasons[-1].decode()
+                break
+
+
+class _Skim:
+    """A large event being relayed: keeps its head, its last TAIL_BYTES and an image count."""
+
+    EDGE = 24  # longer than any marker or separator, so none is missed across chunks
+
+    def __init__(self, start: bytearray) -> None:
+        self.head = bytes(start[:HEAD_BYTES])
+        self.images = sum(start.count(m) for m in IMAGE_MARKERS)
+        self.tail = bytearray(start[-TAIL_BYTES:])
+
+    def feed(self, chunk: bytes, pos: int) -> int:
+        """Scan ``chunk[pos:]`` in place; return where the next event starts, or -1."""
+        carry = bytes(self.tail[-self.EDGE :])
+        lead = chunk[pos : pos + self.EDGE]
+        edge = carry + lead
+        # Markers and a separator that straddle the previous chunk and this one.
+        self.images += sum(edge.count(m) - carry.count(m) - lead.count(m) for m in IMAGE_MARKERS)
+        idx, seplen = _find_separator(edge, 0)
+        if idx != -1 and idx < len(carry):
+            return pos + idx + seplen - len(carry)
+        idx, seplen = _find_separator(chunk, pos)
+        body_end = len(chunk) if idx == -1 else idx
+        self.images += sum(chunk.count(m, pos, body_end) for m in IMAGE_MARKERS)
+        self.tail += chunk[max(pos, body_end - TAIL_BYTES) : body_end]
+        if len(self.tail) > TAIL_BYTES:
+            del self.tail[: len(self.tail) - TAIL_BYTES]
+        return -1 if idx == -1 else idx + seplen

@@ -1,0 +1,7 @@
+"""Fixtures shared by every tier live in tests/fixtures/, one module per outside world."""
+pytest_plugins = [
+    "tests.fixtures.simulator",
+    "tests.fixtures.redis",
+    "tests.fixtures.prometheus",
+    "tests.fixtures.gateway",
+]

@@ -1,0 +1,232 @@
+"""Raw HTTP where bytes and timing of bytes matter: streaming, big bodies, disconnects, retries."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.fixtures.gateway import wait_for
+from tests.images import data_url, decode_data_url, image_bytes, open_image
+
+MODEL = "google/gemini-3-pro-image-preview"
+
+
+def body(prompt: str = "a lighthouse", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    return [e for e in raw.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+
+
+@pytest.fixture
+async def gw(start_gateway):
+    return await start_gateway()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_first_event_arrives_while_the_upstream_still_holds_the_rest(gw, http, simulator):
+    payload = body(stream=True, sim_fault="hold_ms=20000")
+    async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers()) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        first = await resp.content.readany()
+        assert first.startswith(b"data: ") or first.startswith(b":")
+        stats = await simulator.stats()
+        assert stats["completed"] == 0 and sum(stats["inflight"].values()) == 1  # still holding
+
+
+async def test_30mb_single_event_stream_arrives_byte_identical(gw, http, simulator):
+    payload = body("a huge image", stream=True, seed=7, sim_fault="image_mb=30")
+    headers = {"Authorization": f"Bearer {simulator.api_key}"}
+    async with http.post(simulator.url + "/v1/chat/completions", json=payload, headers=headers) as resp:
+        direct = await resp.read()
+    async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers()) as resp:
+        assert resp.status == 200
+        relayed = await resp.read()
+    assert len(relayed) > 30 * 4 // 3 * 1024 * 1024
+    strip = lambda raw: [orjson.loads(e[6:]) if e != b"data: [DONE]" else e for e in sse_events(raw) if e.startswith(b"data:")]
+    # ids and timestamps differ per call; every other byte of every event must be the same
+    for a, b in zip(strip(direct), strip(relayed), strict=True):
+        if isinstance(a, dict):
+            a.pop("id", None), b.pop("id", None), a.pop("created", None), b.pop("created", None)
+        assert a == b
+    image_events = [e for e in sse_events(relayed) if b'"images"' in e]
+    assert len(image_events) == 1
+    url = orjson.loads(image_events[0][6:])["choices"][0]["delta"]["images"][0]["image_url"]["url"]
+    assert open_image(decode_data_url(url)).format == "JPEG"
+
+
+async def test_byte_for_byte_relay_of_a_canned_stream(start_gateway, http):
+    """An upstream whose exact bytes we know, sent in odd-sized pieces: the client gets them all."""
+    from aiohttp import web
+
+    image = base64.b64encode(image_bytes("JPEG", (16, 16)) + b"\0" * (31 * 1024 * 1024)).decode()
+    events = [
+        b": PROCESSING\n\n",
+        b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Here"}}]}\n\n',
+        b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"images":[{"type":"image_url","index":0,"image_url":{"url":"data:image/jpeg;base64,'
+        + image.encode() + b'"}}]}}]}\r\n\r\n',
+        b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":1500,"total_tokens":1503,"completion_tokens_details":{"image_tokens":1120}}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    canned = b"".join(events)
+
+    async def upstream(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        step, i = 7, 0
+        while i < len(canned):
+            await resp.write(canned[i : i + step])
+            i += step
+            step = step * 3 if step < 1_000_000 else 65_537
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+        async with http.post(gw.url + "/v1/chat/completions", json=body(stream=True), headers=gw.headers()) as resp:
+            assert await resp.read() == canned
+        usage = await (await http.get(gw.url + "/v1/usage", headers=gw.headers())).json()
+        assert usage["day"]["tokens"]["image"] == 1120
+        assert usage["day"]["images_out"] == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_60mb_request_with_14_images_passes(gw, http, simulator):
+    png = image_bytes("PNG", (1150, 1000), noise=True)
+    parts = [{"type": "text", "text": "combine all of these"}] + [
+        {"type": "image_url", "image_url": {"url": data_url(png)}} for _ in range(14)
+    ]
+    raw = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+    assert len(raw) > 60 * 1024 * 1024
+    async with http.post(gw.url + "/v1/chat/completions", data=raw, headers=gw.headers(**{"Content-Type": "application/json"})) as resp:
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+    assert answer["choices"][0]["message"]["images"]
+    assert (await simulator.stats())["requests"][-1]["n_images"] == 14
+
+
+async def test_101mb_request_is_refused_with_413_before_it_is_read(gw):
+    """Send the headers and the first MiB only: the 413 comes back without the rest."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    size = 101 * 1024 * 1024
+    writer.write(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gw.key()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode() + b"{" + b" " * (1024 * 1024)
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 413")
+    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    err = orjson.loads(await reader.readexactly(length))["error"]
+    assert (err["type"], err["code"]) == ("invalid_request_error", "request_too_large")
+    writer.close()
+
+
+async def test_client_disconnect_cancels_the_upstream_request(gw, http, simulator):
+    task = asyncio.create_task(http.post(gw.url + "/v1/chat/completions", json=body(sim_fault="latency_ms=30000"), headers=gw.headers()))
+    await wait_for(lambda: _inflight(simulator))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: _cancelled(simulator))
+
+
+async def _inflight(simulator) -> bool:
+    return sum((await simulator.stats())["inflight"].values()) == 1
+
+
+async def _cancelled(simulator) -> bool:
+    return (await simulator.stats())["cancelled"] == 1
+
+
+async def test_retries_happen_before_the_first_byte(gw, http, simulator):
+    await simulator.script(["status=503", "reset"])
+    async with http.post(gw.url + "/v1/chat/completions", json=body(), headers=gw.headers()) as resp:
+        assert resp.status == 200
+    assert (await simulator.stats())["calls"] == 3
+
+
+async def test_no_retry_after_the_first_byte(gw, http, simulator):
+    async with http.post(gw.url + "/v1/chat/completions", json=body(stream=True, sim_fault="cut_after=2"), headers=gw.headers()) as resp:
+        assert resp.status == 200
+        raw = await resp.read()
+    last = sse_events(raw)[-1]
+    assert last.startswith(b"data: ")
+    assert orjson.loads(last[6:])["error"]["code"] == "upstream_bad_response"
+    assert (await simulator.stats())["calls"] == 1
+
+
+@pytest.mark.parametrize(
+    "fault, status, code",
+    [
+        ("reset", 502, "upstream_unavailable"),
+        ("garbage", 502, "upstream_bad_response"),
+        ("status=500", 500, None),  # the provider's own error passes through
+        ("status=400", 400, None),
+    ],
+)
+async def test_upstream_failures_map_to_clear_errors(start_gateway, http, simulator, fault, status, code):
+    gw = await start_gateway(upstream={"max_retries": 0})
+    async with http.post(gw.url + "/v1/chat/completions", json=body(sim_fault=fault), headers=gw.headers()) as resp:
+        assert resp.status == status
+        err = (await resp.json())["error"]
+        assert resp.headers["x-request-id"]
+    if code:
+        assert err["code"] == code
+    else:
+        assert err["message"] and err["type"]
+
+
+async def test_upstream_timeout_is_504(start_gateway, http):
+    gw = await start_gateway(upstream={"timeout_s": 1, "max_retries": 0})
+    async with http.post(gw.url + "/v1/chat/completions", json=body(sim_fault="latency_ms=5000"), headers=gw.headers()) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == "upstream_timeout"
+
+
+async def test_request_id_is_kept_or_made(gw, http):
+    async with http.get(gw.url + "/v1/models", headers=gw.headers(**{"X-Request-ID": "abc-123"})) as resp:
+        assert resp.headers["x-request-id"] == "abc-123"
+    async with http.get(gw.url + "/healthz") as resp:
+        assert len(resp.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize(
+    "headers, data, status, code",
+    [
+        ({}, b"{}", 401, "invalid_api_key"),
+        ({"Authorization": "Bearer wrong"}, b"{}", 401, "invalid_api_key"),
+        ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported_media_type"),
+        ({"Content-Type": "application/json"}, b'{"model": ', 400, "invalid_json"),
+    ],
+)
+async def test_front_door_errors(gw, http, headers, data, status, code):
+    if "Authorization" not in headers and status != 401:
+        headers = {**headers, **gw.headers()}
+    async with http.post(gw.url + "/v1/chat/completions", data=data, headers=headers) as resp:
+        assert resp.status == status
+        assert (await resp.json())["error"]["code"] == code
+
+
+async def test_health_and_readiness(gw, http):
+    async with http.get(gw.url + "/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(gw.url + "/readyz") as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "ok"
