@@ -4,8 +4,8 @@ An image costs dollars and up to minutes; asked again deterministically, it is a
 for. The key is a SHA-256 over everything that shapes the output (images by the hash of their
 decoded bytes), hash-tagged ``gw:cache:{<hex>}`` so an entry (``...:entry``) and its
 single-flight lock (``...:lock``) share one Cluster slot. The cache never fails a request: a
-store error is logged and counted, then treated as a miss. Entries and their rendering live
-in ``cache_entry``.
+store error (counted by the store) is logged here and treated as a miss. Entries and their
+rendering live in ``cache_entry``.
 
 The handler's sequence::
 
@@ -33,6 +33,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import orjson
 
 from .cache_entry import CacheEntry, EntryFormatError
+# re-exported, so the handler needs one import:
+from .cache_entry import SSECollector, entry_from_json, render_json, render_json_chunks, render_sse  # noqa: F401
 from .config import Team
 from .store import Store, StoreError
 from .validate import ChatRequest, ImageFact

@@ -205,35 +205,36 @@ class SSECollector:
 # ---- replaying an entry --------------------------------------------------------------------
 
 
-def _b64_slices(data: bytes | memoryview) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), SLICE_BYTES):
-        yield base64.b64encode(view[start:start + SLICE_BYTES])
+def _filled(doc: dict, images: tuple[CachedImage, ...], slice_bytes: int) -> tuple[int, Iterator[bytes]]:
+    """``doc`` dumped with each URL slot filled by its image's data URL: (length, pieces).
 
-
-def _split(doc: dict, images: tuple[CachedImage, ...]) -> list[bytes]:
-    """``doc`` dumped and cut at each image URL slot."""
+    The base64 comes in slices of ``slice_bytes`` raw bytes, never as one whole string.
+    """
     pieces = orjson.dumps(doc).split(_URL_SLOT_JSON)
     if len(pieces) != len(images) + 1:
         raise AssertionError("image URL slot count mismatch")
-    return pieces
+    # each slot becomes "data:<mime>;base64,<b64>": 15 bytes of quotes and markers
+    size = sum(map(len, pieces)) + sum(img.b64_len + len(img.mime) + 15 for img in images)
 
+    def fill() -> Iterator[bytes]:
+        yield pieces[0]
+        for image, after in zip(images, pieces[1:]):
+            yield b'"data:' + image.mime.encode() + b";base64,"
+            view = memoryview(image.data)
+            for start in range(0, len(view), slice_bytes):
+                yield base64.b64encode(view[start:start + slice_bytes])
+            yield b'"' + after
 
-def _with_images(pieces: list[bytes], images: tuple[CachedImage, ...]) -> Iterator[bytes]:
-    """The pieces with each slot filled by the image's data URL, its base64 in slices."""
-    yield pieces[0]
-    for image, after in zip(images, pieces[1:]):
-        yield b'"data:' + image.mime.encode() + b";base64,"
-        yield from _b64_slices(image.data)
-        yield b'"' + after
+    return size, fill()
 
 
 def _image_parts(images: tuple[CachedImage, ...]) -> list[dict]:
     return [{"type": "image_url", "index": i, "image_url": {"url": _URL_SLOT}} for i in range(len(images))]
 
 
-def render_json(entry: CacheEntry, request_id: str) -> bytearray:
-    """The provider's ``chat.completion`` body, built in one buffer of exactly its size."""
+def render_json_chunks(entry: CacheEntry, request_id: str,
+                       slice_bytes: int = SLICE_BYTES) -> tuple[int, Iterator[bytes]]:
+    """The provider's ``chat.completion`` body as (Content-Length, pieces), to stream a hit."""
     message = {
         "role": "assistant", "content": entry.content, "refusal": None, "annotations": None,
         "images": _image_parts(entry.images), "reasoning_content": entry.reasoning_content,
@@ -246,12 +247,14 @@ def render_json(entry: CacheEntry, request_id: str) -> bytearray:
                      "native_finish_reason": "STOP", "logprobs": None}],
         "usage": entry.usage, "system_fingerprint": None, "service_tier": None, "logprobs": None,
     }
-    pieces = _split(doc, entry.images)
-    # each slot becomes "data:<mime>;base64,<b64>" (15 bytes of quotes and markers)
-    size = sum(map(len, pieces)) + sum(img.b64_len + len(img.mime) + 15 for img in entry.images)
-    buf = bytearray(size)
-    pos = 0
-    for piece in _with_images(pieces, entry.images):
+    return _filled(doc, entry.images, slice_bytes)
+
+
+def render_json(entry: CacheEntry, request_id: str) -> bytearray:
+    """The same body in one buffer of exactly its size (small slices: few temporaries)."""
+    size, pieces = render_json_chunks(entry, request_id, slice_bytes=3 * 16 * 1024)
+    buf, pos = bytearray(size), 0
+    for piece in pieces:
         buf[pos:pos + len(piece)] = piece
         pos += len(piece)
     if pos != size:
@@ -268,24 +271,21 @@ def render_sse(entry: CacheEntry, include_usage: bool, *, request_id: str = "") 
             "created": entry.created, "model": entry.model}
 
     def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        if finish:
-            choice["native_finish_reason"] = finish.upper()
-        return {**base, "choices": [choice], **extra}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "native_finish_reason": finish and finish.upper(), "logprobs": None}
+        return {**base, "choices": [choice], "system_fingerprint": None, **extra}
 
     first = {"role": "assistant", "content": entry.content}
     if entry.reasoning_content:
         first["reasoning_content"] = entry.reasoning_content
     yield b"data: " + orjson.dumps(chunk(first)) + b"\n\n"
     if entry.images:
-        event = chunk({"images": _image_parts(entry.images)})
-        parts = _with_images(_split(event, entry.images), entry.images)
+        _, parts = _filled(chunk({"images": _image_parts(entry.images)}), entry.images, SLICE_BYTES)
         yield b"data: " + next(parts)
         yield from parts
         yield b"\n\n"
     usage = {"usage": entry.usage} if entry.usage is not None else {}
-    final = chunk({}, "stop", **({} if include_usage else usage))
-    yield b"data: " + orjson.dumps(final) + b"\n\n"
+    yield b"data: " + orjson.dumps(chunk({}, "stop", **({} if include_usage else usage))) + b"\n\n"
     if include_usage and usage:
-        yield b"data: " + orjson.dumps({**base, "choices": [], **usage}) + b"\n\n"
+        yield b"data: " + orjson.dumps({**base, "choices": [], "system_fingerprint": None, **usage}) + b"\n\n"
     yield b"data: [DONE]\n\n"

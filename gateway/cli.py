@@ -29,11 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("simulate", help="run the simulated upstream provider")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8081)
-    s.add_argument("--latency-ms", type=int, default=0, help="delay before every answer")
-    s.add_argument("--api-key", default="sim-key", help="the key the simulator accepts")
-    s.add_argument("--fault", default="", help="default fault spec for every request (see README)")
+    from .simulator.server import add_arguments
+
+    add_arguments(s)
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("demo", help="simulator + gateway on the embedded store, with a demo team")
@@ -94,10 +92,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .simulator import serve
+    from .simulator.server import main as simulate
 
-    serve(host=args.host, port=args.port, latency_ms=args.latency_ms, api_key=args.api_key, fault=args.fault)
-    return 0
+    argv = ["--host", args.host, "--port", str(args.port), "--latency-ms", str(args.latency_ms)]
+    return simulate(argv + ["--api-key", args.api_key, "--fault", args.fault])
 
 
 def cmd_demo(args) -> int:

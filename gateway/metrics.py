@@ -96,10 +96,11 @@ class _Inflight:
         self._gauge.dec()
 
 
-class _Series:
-    """The labelled children one (team, model, stream) needs per request, looked up once."""
+class _Spend:
+    """A (team, model)'s spend children, made at its first usage: series start at 0, so the
+    first increment shows in rate(), and teams that never spend (``none``) get no token series."""
 
-    __slots__ = ("duration", "ttfb", "tokens", "cost", "images_in", "images_out")
+    __slots__ = ("tokens", "cost", "images_in", "images_out")
 
 
 class _WithoutCreated:
@@ -138,38 +139,38 @@ class Metrics:
         else:
             own = self.registry
             self._source = _WithoutCreated(self.registry)
-        team_model = ("team", "model")
-        self.requests = Counter("gateway_requests", "Finished requests.",
-                                ("team", "model", "status", "cache", "stream"), registry=own)
-        self.request_duration = Histogram("gateway_request_duration_seconds",
-                                          "From arrival to the last byte sent.", ("team", "model", "stream"),
-                                          buckets=DURATION_BUCKETS, registry=own)
-        self.upstream_duration = Histogram("gateway_upstream_duration_seconds", "One upstream call.",
-                                           ("model", "status"), buckets=DURATION_BUCKETS, registry=own)
-        self.ttfb = Histogram("gateway_time_to_first_byte_seconds", "From arrival to the first body byte.",
-                              team_model, buckets=DURATION_BUCKETS, registry=own)
-        self.overhead = Histogram("gateway_overhead_seconds",
-                                  "Time spent in the gateway itself per request, upstream waiting excluded.",
-                                  buckets=OVERHEAD_BUCKETS, registry=own)
-        self.tokens = Counter("gateway_tokens", "Tokens charged by the upstream; image, reasoning and audio "
-                              "are parts of completion.", ("team", "model", "type"), registry=own)
-        self.cost = Counter("gateway_cost_usd", "Cost in US dollars at the configured prices.",
-                            team_model, registry=own)
-        self.images = Counter("gateway_images", "Images sent in (by clients) and out (to clients).",
-                              ("team", "model", "direction"), registry=own)
-        self.rejections = Counter("gateway_ratelimit_rejections", "Requests refused by a limit or quota.",
-                                  ("team", "limit"), registry=own)
-        self.cache_saved_tokens = Counter("gateway_cache_saved_tokens", "Tokens not spent thanks to cache hits.",
-                                          ("team",), registry=own)
+        def counter(name, doc, labels):
+            return Counter(name, doc, labels, registry=own)
+
+        def histogram(name, doc, labels, buckets=DURATION_BUCKETS):
+            return Histogram(name, doc, labels, buckets=buckets, registry=own)
+
+        tm = ("team", "model")
+        self.requests = counter("gateway_requests", "Finished requests.", (*tm, "status", "cache", "stream"))
+        self.request_duration = histogram("gateway_request_duration_seconds", "From arrival to the last byte.",
+                                          (*tm, "stream"))
+        self.upstream_duration = histogram("gateway_upstream_duration_seconds", "One upstream attempt.",
+                                           ("model", "status"))
+        self.ttfb = histogram("gateway_time_to_first_byte_seconds", "From arrival to the first body byte.", tm)
+        self.overhead = histogram("gateway_overhead_seconds", "The gateway's own time per request, upstream "
+                                  "and client waits excluded.", (), OVERHEAD_BUCKETS)
+        self.tokens = counter("gateway_tokens", "Tokens charged; image, reasoning and audio are parts of "
+                              "completion.", (*tm, "type"))
+        self.cost = counter("gateway_cost_usd", "Cost in US dollars at the configured prices.", tm)
+        self.images = counter("gateway_images", "Images sent by clients (in) and returned (out).", (*tm, "direction"))
+        self.rejections = counter("gateway_ratelimit_rejections", "Requests refused by a limit or quota.",
+                                  ("team", "limit"))
+        self.cache_saved_tokens = counter("gateway_cache_saved_tokens", "Tokens not spent thanks to cache hits.",
+                                          ("team",))
+        self.upstream_errors = counter("gateway_upstream_errors", "Failed upstream attempts by kind.", ("kind",))
+        self.store_errors = counter("gateway_store_errors", "Failed store operations.", ("op",))
         self.inflight_requests = Gauge("gateway_inflight_requests", "Requests being handled.", ("team",),
                                        multiprocess_mode="livesum", registry=own)
-        self.upstream_errors = Counter("gateway_upstream_errors", "Failed upstream calls by kind.", ("kind",),
-                                       registry=own)
-        self.store_errors = Counter("gateway_store_errors", "Failed store operations.", ("op",), registry=own)
         # The store holds the truth; the latest report from any worker is the best view of it.
         self.quota = Gauge("gateway_quota_remaining", "What a team may still spend of a quota.",
                            ("team", "quota"), multiprocess_mode="mostrecent", registry=own)
-        self._series: dict[tuple, _Series] = {}
+        self._timing: dict[tuple, tuple[Histogram, Histogram]] = {}
+        self._spend: dict[tuple, _Spend] = {}
         self._requests: dict[tuple, Counter] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._upstream: dict[tuple, Histogram] = {}
@@ -181,29 +182,30 @@ class Metrics:
         """Once per finished request, whatever its outcome."""
         team = rec.team or NO_TEAM
         model = rec.model if rec.model in self._models else OTHER_MODEL
-        key = (team, model, rec.stream)
-        series = self._series.get(key) or self._new_series(key)
         rkey = (team, model, rec.status, rec.cache, rec.stream)
         (self._requests.get(rkey) or self._new_request_child(rkey)).inc()
-        series.duration.observe(rec.duration_s)
+        key = (team, model, rec.stream)
+        duration, ttfb = self._timing.get(key) or self._new_timing(key)
+        duration.observe(rec.duration_s)
         if rec.ttfb_s is not None:
-            series.ttfb.observe(rec.ttfb_s)
+            ttfb.observe(rec.ttfb_s)
         self.overhead.observe(rec.overhead_s)
         usage = rec.usage
         if usage is None:
             return
+        spend = self._spend.get(key[:2]) or self._new_spend(key[:2])
         if usage.images_in:
-            series.images_in.inc(usage.images_in)
+            spend.images_in.inc(usage.images_in)
         if usage.images_out:
-            series.images_out.inc(usage.images_out)
+            spend.images_out.inc(usage.images_out)
         if rec.cache == "hit":
             return  # nothing was charged
-        for kind, child in series.tokens:
+        for kind, child in spend.tokens:
             n = getattr(usage, kind)
             if n > 0:
                 child.inc(n)
         if usage.cost_usd > 0:
-            series.cost.inc(usage.cost_usd)
+            spend.cost.inc(usage.cost_usd)
 
     def inflight(self, team: str | None):
         """``with metrics.inflight(team):`` around the handling of one request."""
@@ -254,16 +256,20 @@ class Metrics:
 
     # -- children, created once per label set ---------------------------------------------------
 
-    def _new_series(self, key: tuple) -> _Series:
+    def _new_timing(self, key: tuple) -> tuple[Histogram, Histogram]:
         team, model, stream = key
-        s = _Series()
-        s.duration = self.request_duration.labels(team, model, "true" if stream else "false")
-        s.ttfb = self.ttfb.labels(team, model)
+        pair = self.request_duration.labels(team, model, "true" if stream else "false"), self.ttfb.labels(team, model)
+        self._timing[key] = pair
+        return pair
+
+    def _new_spend(self, key: tuple) -> _Spend:
+        team, model = key
+        s = _Spend()
         s.tokens = tuple((t, self.tokens.labels(team, model, t)) for t in TOKEN_TYPES)
         s.cost = self.cost.labels(team, model)
         s.images_in = self.images.labels(team, model, "in")
         s.images_out = self.images.labels(team, model, "out")
-        self._series[key] = s
+        self._spend[key] = s
         return s
 
     def _new_request_child(self, key: tuple) -> Counter:

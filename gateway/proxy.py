@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import cache as cache_mod
-from .errors import RequestTooLarge, UnsupportedMediaType
+from .errors import RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from .record import RequestRecord
 from .relay import error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
 from .sse import EventScanner
@@ -26,6 +26,8 @@ log = logging.getLogger("gateway.proxy")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
+# Failures once the upstream has answered (connect errors are counted where they happen).
+FAILURE_KINDS = {UpstreamBadResponse: "bad_response", UpstreamTimeout: "timeout", UpstreamUnavailable: "disconnect"}
 
 
 @dataclass(slots=True)
@@ -47,7 +49,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.bytes_in = len(raw)
     chat = await validate_async(raw, config, team.limits)
     rec.model, rec.stream = chat.model.id, chat.stream
-    decision = cache_mod.decide(team, chat, request.headers.get("Cache-Control"))
+    decision = cache_mod.decide(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
     rec.cache = decision.label
     admission = await app[LIMITER].admit(team, chat)
     served = Served()
@@ -73,7 +75,7 @@ async def _serve(request, chat: ChatRequest, decision, headers: dict, served: Se
     timeout = request.app[CONFIG].upstream.timeout_s
     async with cache.single_flight(decision, timeout) as flight:
         if flight.entry is not None:
-            return await _serve_hit(request, chat, flight.entry, 0.0, headers, served)
+            return await _serve_hit(request, chat, flight.entry, flight.age_s, headers, served)
         response, entry = await _forward(request, chat, decision, headers, served)
         await flight.publish(entry if decision.store else None)
         return response
@@ -86,7 +88,15 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     attempted = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id)
     rec.upstream_s += attempted.waited_s
     served.started_upstream = True
-    resp = attempted.response
+    try:
+        return await _relay(request, chat, decision, headers, served, attempted.response)
+    except (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable) as err:
+        app[METRICS].upstream_error(FAILURE_KINDS[type(err)])
+        raise
+
+
+async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Served, resp):
+    app, rec = request.app, request["record"]
     if resp.status != 200:
         served.usage = Usage(images_in=len(chat.images))  # a refused request costs nothing
         response = await error_passthrough(resp, app[CONFIG].upstream.api_key, rec)
@@ -94,12 +104,14 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
         return response, None
     upstream_headers = passthrough_headers(resp.headers)
     if resp.content_type == "text/event-stream":
-        collector = cache_mod.SSECollector() if decision.store else None
+        collector = cache_mod.SSECollector(chat.body["model"]) if decision.store else None
         served.scanner = EventScanner(collector.feed if collector else None)
         chunk = await first_chunk(resp, rec)
         upstream_headers.pop("Content-Type", None)
         response = web.StreamResponse(headers={**upstream_headers, **SSE_HEADERS, **headers})
         relayed = await relay_sse(request, response, resp, chunk, rec, served.scanner)
+        if relayed.failure:
+            app[METRICS].upstream_error(relayed.failure)
         await response.write_eof()
         served.usage = _usage(chat, relayed.usage, relayed.images_out)
         entry = None
@@ -124,15 +136,17 @@ async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: d
     served.usage, served.cached = saved, True
     request.app[METRICS].cache_saved(rec.team, saved.total)
     headers = {**headers, "x-cache": "HIT", "age": str(int(age_s))}
-    if not chat.stream:
-        body = cache_mod.render_json(entry, rec.request_id)
-        rec.first_byte()
-        rec.bytes_out += len(body)
-        return web.Response(body=body, content_type="application/json", headers=headers)
-    include_usage = bool((chat.body.get("stream_options") or {}).get("include_usage"))
-    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    if chat.stream:
+        include_usage = bool((chat.body.get("stream_options") or {}).get("include_usage"))
+        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        pieces = cache_mod.render_sse(entry, include_usage, request_id=rec.request_id)
+    else:
+        # Written in slices, so the base64 text never exists whole beside the entry.
+        length, pieces = cache_mod.render_json_chunks(entry, rec.request_id)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+        response.content_length = length
     await response.prepare(request)
-    for piece in cache_mod.render_sse(entry, include_usage):
+    for piece in pieces:
         await write_counted(response, piece, rec)
     await response.write_eof()
     return response

@@ -77,6 +77,7 @@ class Relayed:
     finish_reason: str | None = None
     complete: bool = False  # a 200 JSON body, or a stream that reached [DONE]
     parsed: dict | None = None  # the JSON body (non-streaming 200 only)
+    failure: str | None = None  # upstream error kind when a stream broke after its first byte
 
 
 async def error_passthrough(resp: aiohttp.ClientResponse, api_key: str, rec: RequestRecord) -> web.Response:
@@ -164,6 +165,7 @@ async def relay_sse(
 ) -> Relayed:
     """Write the stream to the client as it comes; return what the scanner saw."""
     await response.prepare(request)
+    failure = None
     try:
         while chunk:
             await write_counted(response, chunk, rec)
@@ -182,11 +184,13 @@ async def relay_sse(
             finally:
                 rec.upstream_s += time.perf_counter() - started
         if not scanner.done:
-            failure: GatewayError = UpstreamBadResponse("The upstream stream ended before [DONE].")
-            await _fail(response, scanner, failure, rec)
+            failure = "bad_response"
+            await _fail(response, scanner, UpstreamBadResponse("The upstream stream ended before [DONE]."), rec)
     except asyncio.TimeoutError:
+        failure = "timeout"
         await _fail(response, scanner, UpstreamTimeout("The upstream stream stalled past the timeout."), rec)
     except aiohttp.ClientError:
+        failure = "disconnect"
         await _fail(response, scanner, UpstreamUnavailable("The upstream connection broke mid-stream."), rec)
     finally:
         resp.release()
@@ -195,6 +199,7 @@ async def relay_sse(
         images_out=scanner.images_out,
         finish_reason=scanner.finish_reason,
         complete=scanner.done and scanner.error is None,
+        failure=failure,
     )
 
 

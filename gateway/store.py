@@ -10,7 +10,9 @@ All three run the same Lua scripts (gateway/lua/<name>.lua), so the embedded def
 cannot drift. This module is the one boundary to Redis: every redis, socket and timeout error
 becomes ``StoreError`` here, once. Timeouts are short and there are no internal retries, so a
 dead or hung Redis costs an operation about ``timeout`` seconds (default 1), never a hang; the
-connection pool reconnects on its own when Redis comes back.
+connection pool reconnects on its own when Redis comes back. While the store is down, one
+operation at a time probes it and the others fail at once, so an outage costs requests
+nothing beyond the store's verdict.
 
 URL query options (ours, removed before the URL reaches redis-py): ``timeout`` (whole
 operation, s, default 1.0), ``socket_timeout`` and ``socket_connect_timeout`` (s, default 0.5),
@@ -23,7 +25,7 @@ import hashlib
 import logging
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, NoReturn, Protocol, Sequence
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -95,20 +97,38 @@ class RedisStore:
         self.last_error: str | None = None
         # bounds in-flight commands to the pool size: queue briefly instead of failing
         self._slots = asyncio.Semaphore(max_inflight)
+        self._probing = False
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        probe = False
+        if not self.healthy:  # down: one operation probes, the rest fail fast meanwhile
+            if self._probing:
+                self._failed(op, f"unavailable ({self.last_error})")
+            self._probing = probe = True
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._slots:
+                    if self.kind == "cluster":
+                        # (re)discover the slots before any command: redis-py's lazy discovery
+                        # races when many commands trigger it at once. A no-op once known.
+                        await self.client.initialize()
                     result = await fn()
-        except _ERRORS as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            self.healthy, self.last_error = False, reason
-            if self.on_error is not None:
-                self.on_error(op)
-            raise StoreError(f"store {op} failed: {reason}", op=op) from None
+        except Exception as e:  # the boundary: nothing from redis-py goes further up
+            if not isinstance(e, _ERRORS):
+                log.error("unexpected error from the store client during %s", op, exc_info=e)
+            self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            self._failed(op, self.last_error)
+        finally:
+            if probe:
+                self._probing = False
         self.healthy = True
         return result
+
+    def _failed(self, op: str, reason: str) -> NoReturn:
+        self.healthy = False
+        if self.on_error is not None:
+            self.on_error(op)
+        raise StoreError(f"store {op} failed: {reason}", op=op) from None
 
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         source, sha = script(name)

@@ -67,7 +67,7 @@ SIMULATOR = web.AppKey("simulator", Simulator)
 def create_app(*, api_key: str = "sim-key", latency_ms: int = 0, fault: str = "") -> web.Application:
     """The simulated provider. ``fault`` is a default spec for every chat request (it overrides
     ``latency_ms`` if it sets its own); raises ``FaultSpecError`` (a ValueError) if malformed."""
-    default_fault = Fault(latency_ms=latency_ms or None).merged(faults.parse(fault))
+    default_fault = faults.parse(f"latency_ms={latency_ms}" if latency_ms else "").merged(faults.parse(fault))
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIMULATOR] = Simulator(api_key, default_fault)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -106,6 +106,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except errors.SimError as error:
             record.finish(error.status, "error")
             return error.response()
+        except ConnectionResetError:
+            # The client left and a write found out (a runner without handler_cancellation).
+            record.finish(None, "cancelled")
+            return web.Response()  # nobody reads it; aiohttp drops it quietly
 
 
 async def _answer(request: web.Request, sim: Simulator, body: Any, record: CallRecord) -> web.StreamResponse:

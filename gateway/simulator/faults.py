@@ -75,11 +75,7 @@ class Fault:
 
     def merged(self, later: Fault) -> Fault:
         """This spec overridden item by item by whatever ``later`` sets."""
-        changes = {
-            f.name: getattr(later, f.name)
-            for f in fields(self)
-            if getattr(later, f.name) not in (None, False)
-        }
+        changes = {f.name: getattr(later, f.name) for f in fields(self) if _is_set(getattr(later, f.name))}
         return replace(self, **changes)
 
     def spec(self) -> str:
@@ -89,12 +85,16 @@ class Fault:
             value = getattr(self, f.name)
             if value is True:
                 items.append(f.name)
-            elif value not in (None, False):
+            elif _is_set(value):
                 items.append(f"{f.name}={number_text(value)}")
         return ";".join(items)
 
 
 NO_FAULT = Fault()
+
+
+def _is_set(value: object) -> bool:
+    return value is not None and value is not False  # by identity: 0 is a value, not "unset"
 
 
 def number_text(value: float) -> str:

@@ -6,8 +6,8 @@ request, or that a concurrency limit held (``peak_inflight`` per ``user`` group)
 
 A call ends with one outcome: ``completed`` (a whole 200 answer), ``error`` (a JSON error,
 injected or real), ``reset`` / ``garbage`` / ``cut`` (the fault of that name), or
-``cancelled`` (the client went away: the handler got ``CancelledError``, or its next write
-found the connection gone).
+``cancelled`` (the client went away: the handler got ``CancelledError``, or, on a runner
+without ``handler_cancellation``, its next write found the connection gone).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Stats:
         self.peak_inflight[group] = max(self.peak_inflight[group], self.inflight[group])
         try:
             yield record
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             record.finish(None, "cancelled")
             raise
         finally:

@@ -15,6 +15,7 @@ from gateway.cache_entry import (
     SSECollector,
     entry_from_json,
     render_json,
+    render_json_chunks,
     render_sse,
 )
 
@@ -200,6 +201,14 @@ def test_render_json_is_the_provider_shape_with_the_original_images():
     assert entry_from_json(doc).content == "done"  # a rendered hit is itself a complete success
 
 
+def test_render_json_chunks_stream_the_same_body_with_its_exact_length():
+    stored = CacheEntry.decode(entry(BIG, SMALL).encode())
+    size, chunks = render_json_chunks(stored, "req-1")
+    chunks = list(chunks)
+    assert b"".join(chunks) == render_json(stored, "req-1") and size == sum(map(len, chunks))
+    assert max(map(len, chunks)) < len(base64.b64encode(BIG))  # the big image goes out in slices
+
+
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_render_sse_is_the_provider_stream(include_usage):
     stored = CacheEntry.decode(entry(BIG, content="Here it is").encode())
@@ -212,11 +221,12 @@ def test_render_sse_is_the_provider_stream(include_usage):
                                              "reasoning_content": "thought"}
     [part] = images["choices"][0]["delta"]["images"]
     assert base64.b64decode(part["image_url"]["url"].split(",", 1)[1]) == BIG
-    assert final["choices"][0]["finish_reason"] == "stop"
+    assert (final["choices"][0]["finish_reason"], final["choices"][0]["native_finish_reason"]) == ("stop", "STOP")
+    assert images["choices"][0]["finish_reason"] is None
     if include_usage:
         assert "usage" not in final
         assert events[3] == {**{k: first[k] for k in ("id", "object", "created", "model")}, "choices": [],
-                             "usage": USAGE}
+                             "system_fingerprint": None, "usage": USAGE}
         assert len(events) == 5
     else:
         assert final["usage"] == USAGE and len(events) == 4
