@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,10 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
     from .accesslog import configure_logging
     from .app import create_app
 
+    if not reuse_port:
+        # A lone process keeps its metrics in memory: a multiprocess directory left in the
+        # environment would carry another run's totals into this one.
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     configure_logging(config.logging)
     use_uvloop()
     return asyncio.run(_serve_forever(create_app(config), host, port, reuse_port))
@@ -71,6 +76,7 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
     from .metrics import mark_worker_dead, prepare_multiprocess
 
     port = port or free_port(host)
+    own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="gateway-metrics-")
     prepare_multiprocess(metrics_dir)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
@@ -106,6 +112,8 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
+    if own_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -103,29 +103,39 @@ class RedisStore:
         probe = False
         if not self.healthy:  # down: one operation probes, the rest fail fast meanwhile
             if self._probing:
-                self._failed(op, f"unavailable ({self.last_error})")
+                self._failed(op, f"unavailable ({self.last_error})", down=False)
             self._probing = probe = True
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._slots:
+            try:  # waiting for a free connection is load, not an outage
+                async with asyncio.timeout(self.timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                self._failed(op, "busy: no free connection in time", down=False)
+            try:
+                # the socket timeouts normally end a hung call first; this is the backstop
+                async with asyncio.timeout(self.timeout_s):
                     if self.kind == "cluster":
                         # (re)discover the slots before any command: redis-py's lazy discovery
                         # races when many commands trigger it at once. A no-op once known.
                         await self.client.initialize()
                     result = await fn()
+            finally:
+                self._slots.release()
+        except StoreError:
+            raise
         except Exception as e:  # the boundary: nothing from redis-py goes further up
             if not isinstance(e, _ERRORS):
                 log.error("unexpected error from the store client during %s", op, exc_info=e)
-            self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            self._failed(op, self.last_error)
+            self._failed(op, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, down=True)
         finally:
             if probe:
                 self._probing = False
         self.healthy = True
         return result
 
-    def _failed(self, op: str, reason: str) -> NoReturn:
-        self.healthy = False
+    def _failed(self, op: str, reason: str, *, down: bool) -> NoReturn:
+        if down:
+            self.healthy, self.last_error = False, reason
         if self.on_error is not None:
             self.on_error(op)
         raise StoreError(f"store {op} failed: {reason}", op=op) from None
@@ -216,8 +226,11 @@ async def connect(
         "socket_timeout": sock,
         "socket_connect_timeout": ours.get("socket_connect_timeout", sock),
         "retry": Retry(NoBackoff(), 0),  # no hidden retries: one attempt, bounded by the timeouts
-        "max_connections": int(ours.get("max_connections", 64)),
     }
+    inflight = int(ours.get("max_connections", 64))
+    # The pool may hold more than we ever use at once, so a connection lost to a cancelled
+    # call inside redis-py can never exhaust it.
+    common["max_connections"] = 2 * inflight + 16
     if scheme in ("redis", "rediss"):
         client = aioredis.Redis.from_url(urlunsplit(parts._replace(query=query)), **common)
         kind = "redis"
@@ -236,4 +249,4 @@ async def connect(
         kind = "cluster"
     else:
         raise ValueError(f"store.url: unsupported scheme {parts.scheme!r} (memory, redis, rediss, redis+cluster)")
-    return RedisStore(client, kind=kind, timeout_s=timeout, max_inflight=common["max_connections"], on_error=on_error)
+    return RedisStore(client, kind=kind, timeout_s=timeout, max_inflight=inflight, on_error=on_error)

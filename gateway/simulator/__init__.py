@@ -35,6 +35,8 @@ Fault grammar
     drip_ms=N       stream: wait N ms between every two events
     image_mb=N      pad the JPEG to at least N MiB (decoded) with comment segments; still valid
     no_usage        leave usage out (no ``usage`` key in JSON, no usage in the stream)
+    echo_key        with status: the error message quotes the caller's key (as some providers
+                    do), to prove the gateway never passes the upstream key on
 
     The leading ``: PROCESSING`` comment of a stream is not an event for cut/hold/drip.
     When several apply: reset wins over status, status over garbage, garbage over an answer.

@@ -126,7 +126,10 @@ async def _answer(request: web.Request, sim: Simulator, body: Any, record: CallR
         record.finish(None, "reset")
         return web.Response()
     if fault.status:
-        raise errors.for_status(fault.status, fault.retry_after)
+        error = errors.for_status(fault.status, fault.retry_after)
+        if fault.echo_key:
+            error.message = "Incorrect API key provided: " + request.headers.get("Authorization", "").partition(" ")[2]
+        raise error
     if fault.garbage:
         record.finish(200, "garbage")
         return web.Response(body=_GARBAGE, content_type="application/json")

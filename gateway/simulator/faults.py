@@ -55,7 +55,7 @@ _VALUE_ITEMS = {
     "drip_ms": _count,
     "image_mb": _megabytes,
 }
-_FLAGS = ("reset", "garbage", "no_usage")
+_FLAGS = ("reset", "garbage", "no_usage", "echo_key")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Fault:
     drip_ms: int | None = None
     image_mb: float | None = None
     no_usage: bool = False
+    echo_key: bool = False  # with status: the error message quotes the key, as some providers do
 
     def merged(self, later: Fault) -> Fault:
         """This spec overridden item by item by whatever ``later`` sets."""
