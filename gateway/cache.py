@@ -102,8 +102,19 @@ def cache_key(team: Team, request: ChatRequest) -> str:
     if next(images, None) is not None:
         raise ValueError("more image facts than image parts")
     scope = ["global"] if team.cache.scope == "global" else ["team", team.name]
-    canonical = orjson.dumps({"v": 1, "scope": scope, "body": body}, option=orjson.OPT_SORT_KEYS)
+    canonical = orjson.dumps({"v": 1, "scope": scope, "body": _numbers(body)}, option=orjson.OPT_SORT_KEYS)
     return f"gw:cache:{{{hashlib.sha256(canonical).hexdigest()}}}"
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with integral floats as ints: ``0.0`` and ``0`` are one JSON number, one key."""
+    if type(value) is float:
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value  # exact as ints
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def _message(message: Any, images: Iterator[ImageFact]) -> Any:
@@ -242,7 +253,7 @@ class Cache:
         loop = asyncio.get_running_loop()
         while (future := self._flights.get(decision.key)) is not None:
             try:  # shield: our cancellation or timeout must not cancel the shared future
-                result = await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
+                result = await asyncio.wait_for(future, deadline - loop.time())
             except TimeoutError:
                 log.warning("single-flight wait timed out; calling upstream without the lock")
                 return Flight(cache=self, decision=decision)

@@ -19,6 +19,8 @@ from datetime import date, datetime, timezone
 from typing import Any, Mapping
 
 from .config import Team
+from .errors import StoreUnavailable
+from .store import StoreError
 from .usage import TOKEN_TYPES, Usage
 
 DAY_TTL_S = 40 * 86400
@@ -53,15 +55,15 @@ def period(ts: float) -> tuple[str, str]:
 
 def increments(usage: Usage, *, cached: bool) -> list[Any]:
     """Ledger field/increment pairs for settle.lua. A cache hit is charged nothing: it counts
-    as a request and a hit, and its tokens as saved."""
+    as a request, a hit and its images, and its tokens as saved."""
     counts = dict.fromkeys(COUNTS, 0)
     counts["requests"] = 1
+    counts["images_in"], counts["images_out"] = usage.images_in, usage.images_out
     if cached:
         counts["cache_hits"] = 1
         counts["cache_saved_tokens"] = usage.total
     else:
         counts.update(usage.tokens())
-        counts["images_in"], counts["images_out"] = usage.images_in, usage.images_out
         counts[COST_MICRO] = round(usage.cost_usd * 1_000_000)
     return [x for field, n in counts.items() if n for x in (field, int(n))]
 
@@ -92,7 +94,7 @@ async def read_usage(store: Any, team_name: str, *, day: date | None = None, mon
 
     Returns {"day": {"date": ..., requests, tokens{...}, images_in, images_out, cost_usd,
     cache_hits, cache_saved_tokens, quota_tokens}, "month": {"month": ..., same}}, holding only
-    the periods asked for (both None: today and this month, UTC). Raises StoreError.
+    the periods asked for (both None: today and this month, UTC). Raises StoreUnavailable.
     """
     if day is None and month is None:
         today = datetime.now(timezone.utc).date()
@@ -104,7 +106,10 @@ async def read_usage(store: Any, team_name: str, *, day: date | None = None, mon
     if month is not None:
         keys.append(month_key(team_name, month))
         names.append("month")
-    raw = await store.run_script("usage", keys, [])
+    try:
+        raw = await store.run_script("usage", keys, [])
+    except StoreError:
+        raise StoreUnavailable("The usage ledger is unavailable; try again shortly.") from None
     out: dict[str, Any] = {}
     for name, flat in zip(names, raw):
         fields = _decode(flat)

@@ -29,7 +29,7 @@ from .validate import ChatRequest
 
 log = logging.getLogger(__name__)
 
-LEASE_MARGIN_S = 60  # a lease outlives the upstream timeout by this much, then expires
+LEASE_MARGIN_S = 5  # a lease outlives the longest request (the upstream timeout) by this much
 
 
 class Admission(Protocol):

@@ -36,13 +36,14 @@ def use_uvloop() -> None:
 
 
 def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False) -> int:
+    if not reuse_port:
+        # A lone process keeps its metrics in memory: a multiprocess directory left in the
+        # environment would carry another run's totals into this one. (Before prometheus_client
+        # is imported: it reads the variable then.)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from .accesslog import configure_logging
     from .app import create_app
 
-    if not reuse_port:
-        # A lone process keeps its metrics in memory: a multiprocess directory left in the
-        # environment would carry another run's totals into this one.
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     configure_logging(config.logging)
     use_uvloop()
     return asyncio.run(_serve_forever(create_app(config), host, port, reuse_port))

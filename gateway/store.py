@@ -8,11 +8,10 @@ Backends, chosen by the URL scheme:
 
 All three run the same Lua scripts (gateway/lua/<name>.lua), so the embedded default and Redis
 cannot drift. This module is the one boundary to Redis: every redis, socket and timeout error
-becomes ``StoreError`` here, once. Timeouts are short and there are no internal retries, so a
-dead or hung Redis costs an operation about ``timeout`` seconds (default 1), never a hang; the
-connection pool reconnects on its own when Redis comes back. While the store is down, one
-operation at a time probes it and the others fail at once, so an outage costs requests
-nothing beyond the store's verdict.
+becomes ``StoreError`` here, once. Socket timeouts are short and redis-py does no retries, so a
+dead or hung Redis costs an operation at most ``timeout`` (default 1 s), never a hang; the pool
+reconnects by itself when Redis is back. While it is down, one operation at a time probes it
+and the others fail at once.
 
 URL query options (ours, removed before the URL reaches redis-py): ``timeout`` (whole
 operation, s, default 1.0), ``socket_timeout`` and ``socket_connect_timeout`` (s, default 0.5),

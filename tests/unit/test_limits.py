@@ -210,13 +210,13 @@ class TestBehaviour:
         lim = Limiter(store, CONFIG, clock=Clock())
         t = team(Limits(tokens_per_minute=10000), Quota(tokens_per_day=10**6, usd_per_month=10))
         a = await lim.admit(t, request())
-        await a.settle(Usage(prompt=500, completion=1500, cost_usd=0.5), cached=True)
+        await a.settle(Usage(prompt=500, completion=1500, images_out=1, cost_usd=0.5), cached=True)
         assert a.remaining == {"tokens_per_day": 10**6, "usd_per_month": 10}
         b = await lim.admit(t, request())
         assert b.headers["x-ratelimit-remaining-tokens"] == "7700"  # the reservation came back
         day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25)))["day"]
         assert (day["requests"], day["cache_hits"], day["cache_saved_tokens"], day["cost_usd"]) == (1, 1, 2000, 0)
-        assert day["tokens"]["prompt"] == 0
+        assert day["tokens"]["prompt"] == 0 and day["images_out"] == 1
 
     async def test_tokens_per_day_resets_at_utc_midnight(self, store):
         clock = Clock(utc(2026, 11, 25, 23, 59, 59))
@@ -383,6 +383,11 @@ async def test_unreachable_redis_is_a_store_error_and_counted_once():
         await s.ping()
     await a.settle(Usage())
     await s.close()
+
+
+async def test_usage_read_while_the_store_is_down_is_a_503():
+    with pytest.raises(StoreUnavailable):
+        await ledger.team_usage_report(BrokenStore(), team(), T0)
 
 
 async def test_rejections_and_remaining_quota_reach_metrics(store):

@@ -125,3 +125,17 @@ def test_cluster_url_lists_nodes_and_credentials():
 async def test_bad_urls_are_refused(url):
     with pytest.raises(ValueError):
         await connect(url)
+
+
+class SlowClient:
+    async def get(self, key):
+        await asyncio.sleep(0.3)
+        return b"v"
+
+
+async def test_waiting_for_a_free_connection_is_not_an_outage():
+    s = RedisStore(SlowClient(), kind="redis", timeout_s=0.45, max_inflight=1)
+    results = await asyncio.gather(*(s.get("k") for _ in range(3)), return_exceptions=True)
+    assert results[:2] == [b"v", b"v"]  # the second waited 0.3 s for the connection: fine
+    assert isinstance(results[2], StoreError) and "busy" in str(results[2])
+    assert s.healthy is True and s.last_error is None

@@ -1,0 +1,92 @@
+"""The bench's Python load client, a separate process (for what wrk does not fit).
+
+    python -m tests.bench.client sequential --url U --body FILE --count K
+        K requests one after the other; prints JSON {"seconds": [...], "statuses": [...], "bytes": [...]}
+    python -m tests.bench.client burst --url U --body FILE --concurrency N
+        N requests at once; prints JSON {"ok": n, "statuses": {...}, "errors": {...}, "wall_s": s}
+
+Both send ``Authorization: Bearer <--key>`` and read every response to its end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+
+from .upstream import raise_nofile, use_uvloop
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict) -> tuple[int, int]:
+    async with session.post(url, data=body, headers=headers) as resp:
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+        return resp.status, size
+
+
+def _session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=aiohttp.ClientTimeout(total=120),
+        auto_decompress=False,
+    )
+
+
+async def sequential(url: str, body: bytes, headers: dict, count: int) -> dict:
+    out = {"seconds": [], "statuses": [], "bytes": []}
+    async with _session(1) as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            status, size = await _one(session, url, body, headers)
+            out["seconds"].append(time.perf_counter() - started)
+            out["statuses"].append(status)
+            out["bytes"].append(size)
+    return out
+
+
+async def burst(url: str, body: bytes, headers: dict, concurrency: int) -> dict:
+    statuses: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    async with _session(0) as session:  # no pool limit: every request on its own connection
+
+        async def one() -> None:
+            try:
+                status, _ = await _one(session, url, body, headers)
+                statuses[str(status)] += 1
+            except Exception as e:  # noqa: BLE001 - counted and reported, never raised
+                errors[type(e).__name__] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {"ok": statuses.get("200", 0), "statuses": dict(statuses), "errors": dict(errors), "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="bench load client")
+    p.add_argument("mode", choices=("sequential", "burst"))
+    p.add_argument("--url", required=True)
+    p.add_argument("--body", required=True, type=Path)
+    p.add_argument("--key", default="key-bench")
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=2000)
+    args = p.parse_args(argv)
+    raise_nofile()
+    use_uvloop()
+    body = args.body.read_bytes()
+    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    if args.mode == "sequential":
+        result = asyncio.run(sequential(args.url, body, headers, args.count))
+    else:
+        result = asyncio.run(burst(args.url, body, headers, args.concurrency))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""``gateway serve --workers 2`` as real processes on a Redis store: one scrape, whichever worker
+answers it, shows the sum over both workers, and killing a worker (the supervisor restarts it)
+never makes a counter go backwards. And ``--workers 2`` on ``memory://`` is refused.
+
+Which worker served what is read from the workers' own multiprocess files (one
+``counter_<pid>.db`` per process, in a directory the test hands the supervisor), so the test
+knows both workers took traffic instead of hoping the kernel spread it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from tests.e2e.test_metrics import parse, samples, tokens
+from tests.fixtures.gateway import gateway_config, wait_for
+
+MODEL = "google/gemini-3-pro-image-preview"
+TEAMS = ("design", "research")
+
+
+def children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def two_workers(supervisor: int) -> set[int] | None:
+    found = children(supervisor)
+    return found if len(found) == 2 else None
+
+
+def served_by(metrics_dir: Path, pid: int) -> float:
+    """Requests one worker process counted, from its own file alone."""
+    src = metrics_dir / f"counter_{pid}.db"
+    if not src.exists():
+        return 0.0
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(src, d)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=d)
+        return sum(s.value for m in registry.collect() for s in m.samples if s.name == "gateway_requests_total")
+
+
+class Client:
+    """Requests and scrapes on a fresh connection each, so the kernel picks a worker each time."""
+
+    def __init__(self, url: str, http: aiohttp.ClientSession):
+        self.url, self.http = url, http
+        self.sent = 0
+        self.tokens: Counter = Counter()  # (team, type) -> tokens the responses reported
+
+    async def chat(self, team: str) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"poster number {self.sent} for {team}"}]}
+        headers = {"Authorization": f"Bearer key-{team}", "Connection": "close"}
+        async with self.http.post(self.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+            raw = await resp.read()
+            assert resp.status == 200, raw[:300]
+        self.sent += 1
+        for kind, n in tokens(orjson.loads(raw)["usage"]).items():
+            self.tokens[(team, kind)] += n
+
+    async def chat_until(self, done) -> bool:
+        """One more request (teams in turn) unless ``done()`` already holds."""
+        if done():
+            return True
+        await self.chat(TEAMS[self.sent % len(TEAMS)])
+        return False
+
+    async def scrape(self) -> tuple[float, Counter]:
+        """(requests_total summed, tokens by (team, type))."""
+        async with self.http.get(self.url + "/metrics", headers={"Connection": "close"}) as resp:
+            assert resp.status == 200
+            families = parse(await resp.text())
+        requests = sum(samples(families, "gateway_requests_total", "team", "model", "status", "cache",
+                               "stream").values())
+        by_type: Counter = Counter()
+        for (team, _model, kind), n in samples(families, "gateway_tokens_total", "team", "model", "type").items():
+            by_type[(team, kind)] += n
+        return requests, +by_type
+
+    async def scrapes_agree(self, times: int = 6) -> None:
+        for _ in range(times):
+            assert await self.scrape() == (self.sent, +self.tokens)
+
+
+@pytest.fixture
+def metrics_dir(tmp_path) -> Path:
+    path = tmp_path / "multiproc"
+    path.mkdir()
+    return path
+
+
+async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards(
+        simulator, redis_server, gateway_processes, metrics_dir):
+    redis_server.start()  # a test may have stopped the shared server
+    redis_server.flush()
+    config = gateway_config(simulator.url, simulator.api_key, {t: {} for t in TEAMS},
+                            store={"url": redis_server.url})
+    gw = gateway_processes(config, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    supervisor = gw.process.pid
+    workers = await wait_for(lambda: two_workers(supervisor), timeout_s=30)
+
+    async with aiohttp.ClientSession() as http:
+        client = Client(gw.url, http)
+        # Both workers take traffic: keep going until each has counted some.
+        await wait_for(lambda: client.chat_until(lambda: all(served_by(metrics_dir, pid) for pid in workers)), 60)
+        assert sum(served_by(metrics_dir, pid) for pid in workers) == client.sent
+        print("DBG first", client.sent, {p: served_by(metrics_dir, p) for p in workers})
+        await client.scrapes_agree()
+
+        # Kill one worker; the supervisor starts another. Scrape all along: never less.
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        last = await client.scrape()
+
+        async def restarted() -> set[int] | None:
+            nonlocal last
+            now = await client.scrape()
+            assert now[0] >= last[0] and all(now[1][k] >= v for k, v in last[1].items()), (last, now)
+            assert now == (client.sent, +client.tokens)  # nothing was lost with the dead worker
+            last = now
+            current = two_workers(supervisor)
+            return current if current and victim not in current else None
+
+        await wait_for(restarted, timeout_s=60)
+        (newcomer,) = children(supervisor) - workers
+        print("DBG restarted", client.sent, newcomer)
+
+        # The new worker adds to the dead one's counts instead of starting over.
+        await wait_for(lambda: client.chat_until(lambda: served_by(metrics_dir, newcomer)), 60)
+        assert served_by(metrics_dir, victim) > 0  # the dead worker's share is still counted
+        print("DBG end", client.sent, {p: served_by(metrics_dir, p) for p in (*workers, newcomer)})
+        await client.scrapes_agree()
+        requests, by_type = await client.scrape()
+        assert requests == client.sent and by_type[(TEAMS[0], "image")] > 0 and by_type[(TEAMS[1], "image")] > 0
+
+
+def test_two_workers_on_the_memory_store_are_refused(tmp_path):
+    config = gateway_config("http://127.0.0.1:9", "unused", store={"url": "memory://"})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0",
+                          "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "listening" not in out.stdout
+    message = out.stderr.strip()
+    assert "--workers" in message and "memory://" in message and "redis://" in message, message
