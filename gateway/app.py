@@ -16,7 +16,7 @@ from .accesslog import write_access_log
 from .auth import Authenticator
 from .cache import Cache
 from .config import Config
-from .errors import GatewayError, NotFound, error_response
+from .errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, RequestTooLarge, error_response
 from .ledger import team_usage_report
 from .limits import Limiter
 from .metrics import Metrics
@@ -116,14 +116,15 @@ def _error(rec: RequestRecord, err: GatewayError) -> web.Response:
 
 
 def _http_error(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (no such route, wrong method, body too large) in our shape."""
     if exc.status == 404:
-        return NotFound("No such route. The gateway serves /v1/chat/completions, /v1/models and /v1/usage.")
+        return NotFound("No route for this path. The gateway serves /v1/chat/completions, /v1/models and /v1/usage.")
+    if exc.status == 405:
+        return MethodNotAllowed("This route does not take that method.")
     if exc.status == 413:
-        from .errors import RequestTooLarge
-
         return RequestTooLarge("The request body is over the gateway's limit.")
-    err = GatewayError(exc.reason or "Request refused.", code=exc.reason.lower().replace(" ", "_") if exc.reason else None)
-    err.status, err.type = exc.status, "invalid_request_error"
+    err = InvalidRequest(exc.reason or "The request was refused.")
+    err.status = exc.status
     return err
 
 

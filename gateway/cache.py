@@ -253,7 +253,7 @@ class Cache:
         loop = asyncio.get_running_loop()
         while (future := self._flights.get(decision.key)) is not None:
             try:  # shield: our cancellation or timeout must not cancel the shared future
-                result = await asyncio.wait_for(future, deadline - loop.time())
+                result = await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
             except TimeoutError:
                 log.warning("single-flight wait timed out; calling upstream without the lock")
                 return Flight(cache=self, decision=decision)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import signal
 
 from aiohttp import web
 
@@ -66,6 +65,7 @@ def run_demo(port: int) -> int:
 
 async def _demo(port: int, configure_logging) -> int:
     from .app import create_app
+    from .server import until_stopped
     from .simulator import create_app as create_simulator
 
     sim_key = secrets.token_urlsafe(24)
@@ -81,11 +81,7 @@ async def _demo(port: int, configure_logging) -> int:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     bound = runner.addresses[0][1]
     print(SNIPPET.format(port=bound, sim_url=sim_url, key=team_key), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     await runner.cleanup()
     await sim_runner.cleanup()
     return 0

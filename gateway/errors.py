@@ -10,10 +10,12 @@ happen (``upstream.py``, ``store.py``, ``validate.py``), never further in.
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
     ├── Forbidden               403 permission_error / forbidden
     ├── NotFound                404 invalid_request_error / not_found
+    ├── MethodNotAllowed        405 invalid_request_error / method_not_allowed
     ├── RequestTooLarge         413 invalid_request_error / request_too_large
     ├── UnsupportedMediaType    415 invalid_request_error / unsupported_media_type
-    ├── RateLimited             429 rate_limit_error / rate_limit_exceeded
-    ├── QuotaExceeded           429 insufficient_quota / insufficient_quota
+    ├── LimitRefused            429
+    │   ├── RateLimited             rate_limit_error / rate_limit_exceeded
+    │   └── QuotaExceeded           insufficient_quota / insufficient_quota
     ├── UpstreamUnavailable     502 upstream_error / upstream_unavailable
     ├── UpstreamBadResponse     502 upstream_error / upstream_bad_response
     ├── StoreUnavailable        503 api_error / store_unavailable
@@ -74,6 +76,10 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
 class RequestTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
@@ -91,8 +97,10 @@ def retry_headers(retry_after_s: float) -> dict[str, str]:
     }
 
 
-class RateLimited(GatewayError):
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+class LimitRefused(GatewayError):
+    """A 429: a limit or quota said no; ``limit`` names it, ``retry_after_s`` says when it passes."""
+
+    status = 429
 
     def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None):
         super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s)})
@@ -100,13 +108,12 @@ class RateLimited(GatewayError):
         self.retry_after_s = retry_after_s
 
 
-class QuotaExceeded(GatewayError):
-    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+class RateLimited(LimitRefused):
+    type, code = "rate_limit_error", "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: Mapping[str, str] | None = None):
-        super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s)})
-        self.limit = limit
-        self.retry_after_s = retry_after_s
+
+class QuotaExceeded(LimitRefused):
+    type, code = "insufficient_quota", "insufficient_quota"
 
 
 class UpstreamUnavailable(GatewayError):

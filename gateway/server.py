@@ -57,13 +57,18 @@ async def _serve_forever(app: web.Application, host: str, port: int, reuse_port:
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     print(f"gateway listening on http://{host}:{bound}", flush=True)
+    await until_stopped()
+    await runner.cleanup()
+    return 0
+
+
+async def until_stopped() -> None:
+    """Return at SIGINT or SIGTERM: the graceful way out of every long-running command."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
-    return 0
 
 
 def free_port(host: str) -> int:

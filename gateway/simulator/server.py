@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import Sequence
 
 from aiohttp import web
 
+from ..server import until_stopped
 from .app import create_app
 from .faults import FaultSpecError
 
@@ -41,11 +41,7 @@ async def _run(app: web.Application, host: str, port: int) -> None:
         bound_port = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
         print(f"simulator listening on http://{shown_host}:{bound_port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
     finally:
         await runner.cleanup()
 

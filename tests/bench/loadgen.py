@@ -52,9 +52,10 @@ def wrk(procs: Procs, base_url: str, script: Path, *, connections: int, duration
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk not found on PATH (apt-get install wrk)")
-    cmd = [binary, "-t1", f"-c{connections}", f"-d{duration_s:g}s", f"--timeout={timeout_s:g}s", "--latency",
+    seconds = max(1, round(duration_s))  # wrk takes whole seconds
+    cmd = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={round(timeout_s)}s", "--latency",
            "-s", str(script), base_url.rstrip("/") + PATH]
-    return parse_wrk(procs.run("wrk", cmd, timeout_s=duration_s + timeout_s + 30))
+    return parse_wrk(procs.run("wrk", cmd, timeout_s=seconds + timeout_s + 30))
 
 
 def _time_ms(text: str) -> float:

@@ -230,3 +230,12 @@ async def test_health_and_readiness(gw, http):
         assert resp.status == 200
     async with http.get(gw.url + "/readyz") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+async def test_unknown_routes_and_methods_answer_in_the_provider_shape(gw, http):
+    async with http.get(gw.url + "/v1/nothing") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
+    async with http.get(gw.url + "/v1/chat/completions", headers=gw.headers()) as resp:
+        assert resp.status == 405
+        assert (await resp.json())["error"]["code"] == "method_not_allowed"

@@ -117,7 +117,6 @@ async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards
         # Both workers take traffic: keep going until each has counted some.
         await wait_for(lambda: client.chat_until(lambda: all(served_by(metrics_dir, pid) for pid in workers)), 60)
         assert sum(served_by(metrics_dir, pid) for pid in workers) == client.sent
-        print("DBG first", client.sent, {p: served_by(metrics_dir, p) for p in workers})
         await client.scrapes_agree()
 
         # Kill one worker; the supervisor starts another. Scrape all along: never less.
@@ -136,12 +135,10 @@ async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards
 
         await wait_for(restarted, timeout_s=60)
         (newcomer,) = children(supervisor) - workers
-        print("DBG restarted", client.sent, newcomer)
 
         # The new worker adds to the dead one's counts instead of starting over.
         await wait_for(lambda: client.chat_until(lambda: served_by(metrics_dir, newcomer)), 60)
         assert served_by(metrics_dir, victim) > 0  # the dead worker's share is still counted
-        print("DBG end", client.sent, {p: served_by(metrics_dir, p) for p in (*workers, newcomer)})
         await client.scrapes_agree()
         requests, by_type = await client.scrape()
         assert requests == client.sent and by_type[(TEAMS[0], "image")] > 0 and by_type[(TEAMS[1], "image")] > 0

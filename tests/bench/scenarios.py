@@ -1,0 +1,322 @@
+"""The scenarios: each starts its contestants, alternates them round by round, returns Rows.
+
+Contestants of one scenario are measured A B C, A B C, ... so drift (thermal, page cache,
+other load on the machine) spreads evenly over them; the table shows each one's median.
+Every contestant is probed once before it is measured: a wrong status stops the bench with
+that process's log, so a fast error path is never reported as throughput.
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+from typing import Callable
+
+from .contestants import UNLIMITED, Bench, Contestant
+from .loadgen import client, probe, wrk
+from .report import Row
+
+VS_REFS = {"vs direct": "direct", "vs minimal": "minimal proxy"}
+MIB = 1024 * 1024
+
+
+def expect_ok(c: Contestant, body: bytes) -> tuple[dict[str, str], bytes]:
+    status, headers, data = probe(c.url, body)
+    if status != 200:
+        raise RuntimeError(f"{c.name} answered HTTP {status}: {data[:300]!r}\n{c.proc.tail()}")
+    return headers, data
+
+
+def alternate(b: Bench, scenario: str, contestants: list[Contestant], measure: Callable, show: Callable) -> dict:
+    results: dict[str, list] = {c.name: [] for c in contestants}
+    for r in range(b.settings.rounds):
+        for c in contestants:
+            value = measure(c)
+            results[c.name].append(value)
+            b.log(f"  [{scenario}] round {r + 1}/{b.settings.rounds} {c.name}: {show(value)}")
+    return results
+
+
+def warm(b: Bench, contestants: list[Contestant], script: str, connections: int) -> None:
+    for c in contestants:
+        if b.settings.warmup_s > 0:
+            wrk(b.procs, c.url, b.scripts[script], connections=connections, duration_s=b.settings.warmup_s)
+
+
+def wrk_notes(runs) -> list[str]:
+    errors = sum(w.errors for w in runs)
+    return [f"{errors} errors in wrk runs"] if errors else []
+
+
+# ---- small text-to-image JSON ---------------------------------------------------------------
+
+
+def small_json(b: Bench) -> list[Row]:
+    """Throughput at saturation (wrk -c32) and latency unloaded (wrk -c1); latency added vs direct."""
+    sc, s = "small JSON", b.settings
+    cs = [b.direct(), b.minimal(), b.gateway()]
+    try:
+        for c in cs:
+            expect_ok(c, b.bodies["small"].read_bytes())
+        warm(b, cs, "small", s.connections)
+
+        def measure(c: Contestant):
+            loaded = wrk(b.procs, c.url, b.scripts["small"], connections=s.connections, duration_s=s.duration_s)
+            single = wrk(b.procs, c.url, b.scripts["small"], connections=1, duration_s=s.latency_s)
+            return loaded, single
+
+        res = alternate(b, sc, cs, measure,
+                        lambda v: f"{v[0].rps:,.0f} req/s, p50 {v[1].p50_ms:.2f} ms at c=1")
+    finally:
+        b.stop(*cs)
+    rows, n = [], s.connections
+    for c in cs:
+        runs = res[c.name]
+        notes = wrk_notes([w for pair in runs for w in pair])
+        rows += [
+            Row(sc, c.name, f"req/s @c{n}", [w.rps for w, _ in runs], VS_REFS, notes=notes),
+            Row(sc, c.name, f"p50 ms @c{n}", [w.p50_ms for w, _ in runs], VS_REFS),
+            Row(sc, c.name, f"p99 ms @c{n}", [w.p99_ms for w, _ in runs], VS_REFS),
+            Row(sc, c.name, "p50 ms @c1", [w.p50_ms for _, w in runs], VS_REFS),
+            Row(sc, c.name, "p99 ms @c1", [w.p99_ms for _, w in runs], VS_REFS),
+        ]
+    direct = res["direct"]
+    for c in cs[1:]:
+        for pct in ("p50", "p99"):
+            added = [getattr(w, f"{pct}_ms") - getattr(d, f"{pct}_ms") for (_, w), (_, d) in zip(res[c.name], direct)]
+            rows.append(Row(sc, c.name, f"{pct} ms added @c1 vs direct", added))
+    return rows
+
+
+# ---- 60 MB request with 14 images ------------------------------------------------------------
+
+
+def big_request(b: Bench) -> list[Row]:
+    """Seconds per 60 MB request (14 images), one at a time: upload, validation, forwarding."""
+    sc, s = "60 MB request, 14 images", b.settings
+    cs = [b.direct(), b.minimal(), b.gateway()]
+    body = b.bodies["composition"]
+    try:
+        for c in cs:  # also the warm-up
+            first = client(b.procs, "sequential", c.url, body, count=1, timeout_s=120)
+            if first["statuses"] != [200]:
+                raise RuntimeError(f"{c.name} refused the 60 MB request: {first}\n{c.proc.tail()}")
+
+        def measure(c: Contestant):
+            return client(b.procs, "sequential", c.url, body, count=s.big_requests, timeout_s=300)
+
+        res = alternate(b, sc, cs, measure, lambda v: f"{statistics.median(v['seconds']):.3f} s/request")
+    finally:
+        b.stop(*cs)
+    size_mb = body.stat().st_size / 1e6
+    rows = []
+    for c in cs:
+        runs = res[c.name]
+        bad = sum(status != 200 for r in runs for status in r["statuses"])
+        notes = [f"{bad} non-200"] if bad else []
+        seconds = [statistics.median(r["seconds"]) for r in runs]
+        rows.append(Row(sc, c.name, "s/request", seconds, VS_REFS, notes=notes))
+        rows.append(Row(sc, c.name, "MB/s uploaded", [size_mb / x for x in seconds], VS_REFS))
+    return rows
+
+
+# ---- 10 MB image response: JSON and one SSE event --------------------------------------------
+
+
+def big_responses(b: Bench) -> list[Row]:
+    """MB/s of 10 MB-image answers relayed as JSON and as a single SSE event (wrk -c4)."""
+    s = b.settings
+    cs = [b.direct(), b.minimal(), b.gateway()]
+    rows = []
+    try:
+        for mode, sc in (("big_json", "10 MB image, JSON"), ("big_sse", "10 MB image, 1 SSE event")):
+            sizes = {c.name: len(expect_ok(c, b.bodies[mode].read_bytes())[1]) for c in cs}
+            warm(b, cs, mode, s.big_connections)
+
+            def measure(c: Contestant):
+                return wrk(b.procs, c.url, b.scripts[mode], connections=s.big_connections, duration_s=s.duration_s)
+
+            res = alternate(b, sc, cs, measure, lambda w: f"{w.rps:.1f} responses/s")
+            for c in cs:
+                notes = wrk_notes(res[c.name])
+                if sizes[c.name] != sizes["direct"]:
+                    notes.append(f"body {sizes[c.name]} B vs direct {sizes['direct']} B")
+                mb_s = [w.rps * sizes[c.name] / 1e6 for w in res[c.name]]
+                rows.append(Row(sc, c.name, f"MB/s @c{s.big_connections}", mb_s, VS_REFS, notes=notes))
+    finally:
+        b.stop(*cs)
+    return rows
+
+
+# ---- 2,000 concurrent slow requests ----------------------------------------------------------
+
+
+def slow_requests(b: Bench) -> list[Row]:
+    """2,000 requests at once, each held 5 s by the upstream: how many succeed, peak RSS."""
+    sc, s = f"{b.settings.slow_concurrency:,} concurrent, 5 s each", b.settings
+    cs = [b.direct(), b.minimal(), b.gateway()]
+    try:
+        for c in cs:
+            expect_ok(c, b.bodies["small"].read_bytes())
+
+        def measure(c: Contestant):
+            before = c.proc.reset_peak()
+            result = client(b.procs, "burst", c.url, b.bodies["slow"], concurrency=s.slow_concurrency, timeout_s=180)
+            return result, before, c.proc.peak_mb()
+
+        res = alternate(b, sc, cs, measure,
+                        lambda v: f"{v[0]['ok']} ok in {v[0]['wall_s']:.1f} s, peak RSS {v[2]:.0f} MB")
+    finally:
+        b.stop(*cs)
+    rows = []
+    n = s.slow_concurrency
+    for c in cs:
+        runs = res[c.name]
+        failed: collections.Counter = collections.Counter()
+        for r, _, _ in runs:
+            failed.update(r["errors"])
+            failed.update({f"HTTP {k}": v for k, v in r["statuses"].items() if k != "200"})
+        notes = [f"failures: {dict(failed)}"] if failed else []
+        rows += [
+            Row(sc, c.name, f"succeeded of {n:,}", [r["ok"] for r, _, _ in runs], target=("median", ">=", n), notes=notes),
+            Row(sc, c.name, "wall s", [r["wall_s"] for r, _, _ in runs]),
+            Row(sc, c.name, "peak RSS MB", [peak for _, _, peak in runs], {"vs minimal": "minimal proxy"}),
+            Row(sc, c.name, "RSS growth MB", [peak - before for _, before, peak in runs], {"vs minimal": "minimal proxy"}),
+        ]
+    return rows
+
+
+# ---- paired gateway variants -----------------------------------------------------------------
+
+
+def _paired_throughput(b: Bench, sc: str, off: Contestant, on: Contestant, target: float) -> list[Row]:
+    s = b.settings
+    cs = [off, on]
+    try:
+        for c in cs:
+            expect_ok(c, b.bodies["small"].read_bytes())
+        warm(b, cs, "small", s.connections)
+
+        def measure(c: Contestant):
+            return wrk(b.procs, c.url, b.scripts["small"], connections=s.connections, duration_s=s.duration_s)
+
+        res = alternate(b, sc, cs, measure, lambda w: f"{w.rps:,.0f} req/s")
+    finally:
+        b.stop(*cs)
+    n = s.connections
+    paired = {"vs paired": off.name}
+    return [
+        Row(sc, off.name, f"req/s @c{n}", [w.rps for w in res[off.name]], notes=wrk_notes(res[off.name])),
+        Row(sc, on.name, f"req/s @c{n}", [w.rps for w in res[on.name]], paired, target=("vs paired", ">=", target),
+            notes=wrk_notes(res[on.name])),
+        Row(sc, off.name, f"p50 ms @c{n}", [w.p50_ms for w in res[off.name]]),
+        Row(sc, on.name, f"p50 ms @c{n}", [w.p50_ms for w in res[on.name]], paired),
+    ]
+
+
+def limits(b: Bench) -> list[Row]:
+    """Limits on (rpm, tpm, max_concurrent set so high nothing is refused) vs off, both on Redis."""
+    store = {"url": b.redis_url}
+    off = b.gateway("limits off", store=store)
+    on = b.gateway("limits on", store=store, limits=UNLIMITED)
+    headers, _ = expect_ok(on, b.bodies["small"].read_bytes())
+    rows = _paired_throughput(b, "limits on vs off (Redis)", off, on, 0.85)
+    if not any(h.startswith("x-ratelimit-") for h in headers):
+        rows[1].notes.append("no x-ratelimit headers: limits not active?")
+    return rows
+
+
+def metrics_logging(b: Bench) -> list[Row]:
+    """Metrics + access log on vs off (same gateway, level info; the log goes to a file)."""
+    off = b.gateway("metrics+log off", server={"metrics": False}, logging={"level": "info", "access_log": False})
+    on = b.gateway("metrics+log on", server={"metrics": True}, logging={"level": "info", "access_log": True})
+    return _paired_throughput(b, "metrics + access log", off, on, 0.90)
+
+
+# ---- cache hit from Redis vs relay from a zero-latency upstream ------------------------------
+
+
+def cache_hit(b: Bench) -> list[Row]:
+    """A 2K image (~5 MB base64): served from Redis vs relayed, one request at a time.
+
+    Each round starts each contestant fresh, warms it with one small request, resets its peak
+    RSS, then measures; so "RSS growth" is what answering the 2K requests added. For the hit,
+    growth / entry size is the number of copies of the entry held at once.
+    """
+    sc, s = "cache hit vs relay, 2K image", b.settings
+    store = {"url": b.redis_url}
+    variants = [("relay (cache off)", {"store": store, "cache": {"mode": "off"}}),
+                ("cache hit (Redis)", {"store": store, "cache": {"mode": "always"}})]
+    img2k = b.bodies["img2k"].read_bytes()
+    warmer = b.gateway("cache warmer", **variants[1][1])
+    try:
+        expect_ok(warmer, img2k)
+        headers, _ = expect_ok(warmer, img2k)
+        if headers.get("x-cache") != "HIT":
+            raise RuntimeError(f"the 2K answer was not cached (x-cache: {headers.get('x-cache')})\n{warmer.proc.tail()}")
+    finally:
+        b.stop(warmer)
+    entry_bytes = _largest_cache_entry(b.redis_url)
+
+    def measure(name: str, sections: dict):
+        c = b.gateway(name, **sections)
+        try:
+            expect_ok(c, b.bodies["small"].read_bytes())
+            before = c.proc.reset_peak()
+            w = wrk(b.procs, c.url, b.scripts["img2k"], connections=1, duration_s=s.duration_s)
+            peak = c.proc.peak_mb()
+            headers, data = expect_ok(c, img2k)
+        finally:
+            b.stop(c)
+        return w, peak - before, headers.get("x-cache"), len(data)
+
+    res: dict[str, list] = {name: [] for name, _ in variants}
+    for r in range(s.rounds):
+        for name, sections in variants:
+            v = measure(name, sections)
+            res[name].append(v)
+            b.log(f"  [{sc}] round {r + 1}/{s.rounds} {name}: {1000 / v[0].rps:.1f} ms/request, "
+                  f"RSS +{v[1]:.1f} MB, x-cache {v[2]}")
+    rows = []
+    relay, hit = (name for name, _ in variants)
+    for name in (relay, hit):
+        runs = res[name]
+        notes = wrk_notes([w for w, *_ in runs])
+        if name == hit and any(x != "HIT" for _, _, x, _ in runs):
+            notes.append("not served as hits")
+        sizes = {n for *_, n in runs}
+        if name == hit:
+            notes.append(f"entry {entry_bytes / 1e6:.2f} MB, answer {max(sizes) / 1e6:.2f} MB")
+        refs = {"vs paired": relay} if name == hit else {}
+        rows += [
+            Row(sc, name, "ms/request @c1", [1000 / w.rps for w, *_ in runs], refs,
+                target=("vs paired", "<=", 1.0) if name == hit else None, notes=notes),
+            Row(sc, name, "RSS growth MB", [g for _, g, _, _ in runs], refs),
+        ]
+        if name == hit:
+            rows.append(Row(sc, name, "RSS growth / entry size", [g * MIB / entry_bytes for _, g, _, _ in runs],
+                            target=("median", "<=", 2.0)))
+    return rows
+
+
+def _largest_cache_entry(url: str) -> int:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        sizes = [r.strlen(k) for k in r.scan_iter(match="gw:cache:*:entry", count=1000)]
+    finally:
+        r.close()
+    if not sizes:
+        raise RuntimeError("no cache entry found in Redis")
+    return max(sizes)
+
+
+SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
+    "small": small_json,
+    "limits": limits,
+    "metrics": metrics_logging,
+    "big-response": big_responses,
+    "big-request": big_request,
+    "cache": cache_hit,
+    "slow": slow_requests,
+}
