@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import cache as cache_mod
-from .errors import RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from .errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from .record import RequestRecord
 from .relay import error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
 from .sse import EventScanner
@@ -85,9 +85,14 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     """Call the upstream and relay its answer; return (response, cache entry or None)."""
     app, rec = request.app, request["record"]
     headers = {**headers, "x-cache": decision.label.upper()}
-    attempted = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id)
-    rec.upstream_s += attempted.waited_s
+    # From here the provider may be generating: a client that leaves is charged the estimate.
     served.started_upstream = True
+    try:
+        attempted = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id)
+    except GatewayError:
+        served.started_upstream = False  # it never reached the provider, or the provider failed it
+        raise
+    rec.upstream_s += attempted.waited_s
     try:
         return await _relay(request, chat, decision, headers, served, attempted.response)
     except (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable) as err:
