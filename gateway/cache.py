@@ -250,10 +250,13 @@ class Cache:
 
     async def _join_local(self, decision: CacheDecision, deadline: float) -> Flight | None:
         """Wait for this process's flight on the key; None when there is none (any more)."""
-        loop = asyncio.get_running_loop()
         while (future := self._flights.get(decision.key)) is not None:
-            try:  # shield: our cancellation or timeout must not cancel the shared future
-                result = await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
+            # shield: our cancellation or timeout must not cancel the shared future. Not
+            # wait_for: on 3.11 it swallows our cancellation when the future finishes at the
+            # same moment, and a waiter whose client left would go on (and even lead).
+            try:
+                async with asyncio.timeout_at(deadline):
+                    result = await asyncio.shield(future)
             except TimeoutError:
                 log.warning("single-flight wait timed out; calling upstream without the lock")
                 return Flight(cache=self, decision=decision)

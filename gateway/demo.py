@@ -65,9 +65,10 @@ def run_demo(port: int) -> int:
 
 async def _demo(port: int, configure_logging) -> int:
     from .app import create_app
-    from .server import until_stopped
+    from .server import stop_on_signals
     from .simulator import create_app as create_simulator
 
+    stop = stop_on_signals()
     sim_key = secrets.token_urlsafe(24)
     team_key = "gw-demo-" + secrets.token_urlsafe(24)
     sim_runner = web.AppRunner(create_simulator(api_key=sim_key, latency_ms=DEMO_LATENCY_MS), access_log=None)
@@ -81,7 +82,7 @@ async def _demo(port: int, configure_logging) -> int:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     bound = runner.addresses[0][1]
     print(SNIPPET.format(port=bound, sim_url=sim_url, key=team_key), flush=True)
-    await until_stopped()
+    await stop.wait()
     await runner.cleanup()
     await sim_runner.cleanup()
     return 0

@@ -56,6 +56,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         with app[METRICS].inflight(team.name):
             return await _serve(request, chat, decision, admission.headers, served)
+    except GatewayError as err:
+        err.headers = {**admission.headers, **err.headers}  # a team sees its limits on errors too
+        raise
     finally:
         usage = _final_usage(chat, served)
         rec.usage = Usage(images_in=usage.images_in, images_out=usage.images_out) if served.cached else usage

@@ -52,23 +52,25 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
 async def _serve_forever(app: web.Application, host: str, port: int, reuse_port: bool) -> int:
     # handler_cancellation: a client that goes away cancels its handler, and so its upstream call.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    stop = stop_on_signals()
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     print(f"gateway listening on http://{host}:{bound}", flush=True)
-    await until_stopped()
+    await stop.wait()
     await runner.cleanup()
     return 0
 
 
-async def until_stopped() -> None:
-    """Return at SIGINT or SIGTERM: the graceful way out of every long-running command."""
+def stop_on_signals() -> asyncio.Event:
+    """An event set at SIGINT or SIGTERM: the graceful way out of every long-running command.
+    Call it before announcing readiness, so a signal right after the announcement is caught."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def free_port(host: str) -> int:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from aiohttp import web
 
-from ..server import until_stopped
+from ..server import stop_on_signals
 from .app import create_app
 from .faults import FaultSpecError
 
@@ -35,13 +35,14 @@ def serve(
 
 async def _run(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, handler_cancellation=True)
+    stop = stop_on_signals()
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
         bound_port = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
         print(f"simulator listening on http://{shown_host}:{bound_port}", flush=True)
-        await until_stopped()
+        await stop.wait()
     finally:
         await runner.cleanup()
 
