@@ -16,7 +16,7 @@ from aiohttp import web
 from . import cache as cache_mod
 from .errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from .record import RequestRecord
-from .relay import error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
+from .relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
 from .sse import EventScanner
 from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, UPSTREAM
 from .usage import Usage, estimate
@@ -133,7 +133,11 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     rec.first_byte()
     rec.bytes_out += len(body)
     response = web.Response(body=body, content_type="application/json", headers={**upstream_headers, **headers})
-    entry = cache_mod.entry_from_json(relayed.parsed) if decision.store else None
+    entry = None
+    if decision.store:  # decoding the images is CPU work: off the loop when it is big
+        build = cache_mod.entry_from_json
+        big = len(body) > OFFLOAD_PARSE_BYTES
+        entry = await asyncio.to_thread(build, relayed.parsed) if big else build(relayed.parsed)
     return response, entry
 
 

@@ -171,11 +171,10 @@ async def relay_sse(
             await write_counted(response, chunk, rec)
             for event in scanner.feed(chunk):
                 payload = event_data(event)
-                if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES and payload != b"[DONE]":
-                    try:
-                        scanner.handle(payload, await parse_json(payload))
-                    except orjson.JSONDecodeError:
-                        pass
+                if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES:
+                    # Parsing a big event (and a cache collector decoding its image) is CPU
+                    # work that would stall every other stream: do it off the event loop.
+                    await asyncio.to_thread(scanner.handle, payload)
                 else:
                     scanner.handle(payload)
             started = time.perf_counter()
