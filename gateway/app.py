@@ -44,7 +44,12 @@ def create_app(
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
-    app[METRICS] = Metrics(registry=registry, enabled=config.server.metrics, model_ids=[m.id for m in config.models])
+    app[METRICS] = Metrics(
+        registry=registry,
+        enabled=config.server.metrics,
+        model_ids=[m.id for m in config.models],
+        teams=[t.name for t in config.teams],
+    )
     app.cleanup_ctx.append(_resources(store, clock))
     app.on_response_prepare.append(_stamp_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -119,7 +119,7 @@ class Metrics:
     """The gateway's metrics; ``enabled=False`` turns every call into a no-op."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None, enabled: bool = True,
-                 model_ids: Iterable[str] = ()):
+                 model_ids: Iterable[str] = (), teams: Iterable[str] = ()):
         self.enabled = enabled
         self.multiprocess = enabled and bool(os.environ.get(MULTIPROC_ENV))
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -173,6 +173,11 @@ class Metrics:
         self._spend: dict[tuple, _Spend] = {}
         self._requests: dict[tuple, Counter] = {}
         self._inflight: dict[str, _Inflight] = {}
+        # Series born at 0: Prometheus' rate() and increase() cannot see a series' first event.
+        for team in teams:
+            self.cache_saved_tokens.labels(team)
+            for limit in LIMITS:
+                self.rejections.labels(team, limit)
         self._upstream: dict[tuple, Histogram] = {}
         self._upstream_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS}
 

@@ -100,6 +100,7 @@ async def error_passthrough(resp: aiohttp.ClientResponse, api_key: str, rec: Req
         parsed = None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("error"), dict):
         raise UpstreamBadResponse(f"The upstream answered HTTP {resp.status} without a JSON error.")
+    rec.first_byte()
     code = parsed["error"].get("code")
     rec.error_code = code if isinstance(code, str) else f"upstream_{resp.status}"
     headers = passthrough_headers(resp.headers)

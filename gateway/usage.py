@@ -76,12 +76,25 @@ def _int(value: Any) -> int:
 
 PROMPT_CHARS_PER_TOKEN = 4
 PROMPT_TOKENS_PER_IMAGE = 560
+IMAGE_TOKENS = {"4K": 2000}  # per output image; 1K and 2K cost 1120
+DEFAULT_IMAGE_TOKENS = 1120
+
+
+def expected_image_tokens(body: Mapping[str, Any]) -> int:
+    """Image tokens of the one image a request will likely get back (0 for text-only answers)."""
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "image" not in modalities:
+        return 0
+    config = body.get("image_config")
+    size = config.get("image_size") if isinstance(config, Mapping) else None
+    return IMAGE_TOKENS.get(size, DEFAULT_IMAGE_TOKENS) if isinstance(size, str) else DEFAULT_IMAGE_TOKENS
 
 
 def estimate(request) -> "Usage":
     """What a request is expected to use before the provider says: the token reservation, and
     the charge that stands when the provider never reports usage (its generation was under way).
-    ``request`` is a ``validate.ChatRequest``."""
+    The expected image is priced as image tokens. ``request`` is a ``validate.ChatRequest``."""
     prompt = -(-request.text_chars // PROMPT_CHARS_PER_TOKEN) + PROMPT_TOKENS_PER_IMAGE * len(request.images)
     completion = request.max_completion_tokens or request.model.default_completion_tokens
-    return Usage(prompt=max(1, prompt), completion=completion, images_in=len(request.images), estimated=True)
+    image = min(completion, expected_image_tokens(request.body))
+    return Usage(prompt=max(1, prompt), completion=completion, image=image, images_in=len(request.images), estimated=True)

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.prometheus",
     "tests.fixtures.gateway",
+    "tests.fixtures.logscan",
 ]

@@ -5,20 +5,26 @@ series, with what the responses themselves reported (usage, images) and what the
 
 The script (teams design, research and capped; one model with aliases):
 
-    design    alias name, JSON            200 bypass     usage U1
-    design    stream + include_usage, 1 image in   200 bypass stream   usage U2
-    design    seed, 1 image in            200 miss       usage U3
-    design    the same again              200 hit        nothing charged, U3 saved
-    design    unknown model               400 (model label "other")
-    research  JSON, 1 image in            200 bypass     usage U5
-    research  stream cut after 1 event    200 bypass stream   the gateway's estimate
-    research  upstream 503, no retries    503 bypass     nothing charged
-    capped    3 requests at 2 per minute  200, 200, 429
-    (none)    no key                      401
+    design    alias name, JSON                200 bypass         usage U1
+    design    stream with usage, 1 image in   200 bypass stream  usage U2
+    design    seed, 1 image in                200 miss           usage U3
+    design    the same again                  200 hit            nothing charged, U3 saved
+    design    unknown model                   400 (model label "other")
+    research  JSON, 1 image in                200 bypass         usage U5
+    research  stream cut after 1 event        200 bypass stream  the gateway's estimate
+    research  upstream 503, no retries        503 bypass         nothing charged
+    capped    3 requests at 2 per minute      200, 200, 429
+    (none)    no key                          401
+
+The same traffic's access log has one line per request, none with a key, prompt or base64; and
+the session-wide log scan (tests/fixtures/logscan.py) is proved here: what it flags, what it
+lets pass, and that it fails a whole pytest session (run in a subprocess) that leaked.
 """
 from __future__ import annotations
 
+import logging
 import math
+import re
 import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +34,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.accesslog import ACCESS_LOGGER, AccessJsonFormatter
+from tests.fixtures.logscan import find_leaks
 from tests.fixtures.prometheus import require_binary
+from tests.fixtures.simulator import API_KEY as UPSTREAM_KEY, REPO_ROOT as REPO
 from tests.images import png_url
 from tests.unit.test_metrics import CONTRACT
 
@@ -109,7 +118,8 @@ def cost(t: dict[str, int]) -> float:
 
 def estimated_tokens(body: dict) -> dict[str, int]:
     """What the gateway charges when the provider never reported usage: ceil(text chars / 4) +
-    560 per input image for the prompt, the request's max_completion_tokens for the completion."""
+    560 per input image for the prompt, the request's max_completion_tokens for the completion,
+    of which one image's worth (1120 at 1K) is image tokens."""
     chars = images = 0
     for message in body["messages"]:
         content = message["content"]
@@ -122,7 +132,8 @@ def estimated_tokens(body: dict) -> dict[str, int]:
             else:
                 images += 1
     prompt = math.ceil(chars / PROMPT_CHARS_PER_TOKEN) + PROMPT_TOKENS_PER_INPUT_IMAGE * images
-    return {"prompt": prompt, "completion": body["max_completion_tokens"], "image": 0, "reasoning": 0, "audio": 0}
+    completion = body["max_completion_tokens"]
+    return {"prompt": prompt, "completion": completion, "image": min(completion, 1120), "reasoning": 0, "audio": 0}
 
 
 @dataclass
@@ -284,10 +295,12 @@ async def test_tokens_by_type_cost_and_images_are_exact_per_team(traffic):
 async def test_requests_rejections_and_cache_savings_are_exact(traffic):
     exp, fam = traffic.expected, traffic.families
     assert samples(fam, "gateway_requests_total", "team", "model", "status", "cache", "stream") == dict(exp.requests)
-    assert samples(fam, "gateway_ratelimit_rejections_total", "team", "limit") == {
-        ("capped", "requests_per_minute"): 1.0}
+    rejections = samples(fam, "gateway_ratelimit_rejections_total", "team", "limit")
+    assert nonzero(rejections) == dict(exp.rejections)
+    assert len(rejections) == 5 * 3  # every team's series exist from the start, at 0
+    assert exp.rejections == {("capped", "requests_per_minute"): 1}
     saved = samples(fam, "gateway_cache_saved_tokens_total", "team")
-    assert saved == dict(exp.saved) and saved[("design",)] > 0
+    assert nonzero(saved) == dict(exp.saved) and saved[("design",)] > 0 and len(saved) == 3
     # no series carries an alias, a key or any model but the configured one and "other"
     models = {s.labels["model"] for f in fam for s in f.samples if "model" in s.labels}
     assert models == {MODEL, "other"}
@@ -348,3 +361,96 @@ async def test_promtool_check_metrics_accepts_the_real_exposition(traffic):
     out = subprocess.run([require_binary("promtool"), "check", "metrics"], input=traffic.text,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+
+
+# -- the access log of the same traffic, and the session-wide log scan ---------------------------
+
+
+async def test_the_access_log_has_one_clean_line_per_request_matching_the_metrics(start_gateway, caplog,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(logging.getLogger(ACCESS_LOGGER), "propagate", True)  # to caplog, whatever ran before
+    caplog.set_level(logging.INFO)
+    traffic = await run_traffic(start_gateway)
+    records = [r for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(records) == sum(traffic.expected.requests.values())
+    lines = [AccessJsonFormatter().format(r) for r in records]
+    assert [line for line in lines if find_leaks(line)] == []  # every request carried a key, most a prompt
+    assert not any(word in line for line in lines for word in ("lighthouse", "watercolor", "storm"))
+    # tokens and cost in the lines add up to what the counters hold (a cache hit's line charges nothing)
+    for team in ("design", "research", "capped"):
+        for kind in TOKEN_TYPES:
+            logged = sum(r.access[f"{kind}_tokens"] for r in records if r.access["team"] == team)
+            assert logged == traffic.expected.tokens[(team, MODEL, kind)], (team, kind)
+        logged_cost = sum(r.access["cost_usd"] for r in records if r.access["team"] == team)
+        assert logged_cost == pytest.approx(traffic.expected.cost[(team, MODEL)], abs=1e-5)
+
+
+@pytest.mark.parametrize("line, leaks", [
+    ('{"message":"forwarding with Bearer abc"}', ["bearer token"]),
+    ("team key-design refused", ["team key"]),
+    ('{"request_id":"key-research.v2"}', ["team key"]),
+    (f"calling upstream with {UPSTREAM_KEY}", ["upstream key"]),
+    ("new key gw-design-" + "Ab3_-x" * 7 + "Q issued", ["issued key"]),
+    ('{"url":"data:image/png;base64,iVBORw0KGgo"}', ["data URL"]),
+    ("payload " + "iVBORw0KGgoAAAANSUhEUgAA/+" * 8, ["base64 run"]),
+], ids=["bearer", "team-key", "team-key-in-json", "upstream-key", "issued-key", "data-url", "base64-run"])
+def test_logscan_finds_every_kind_of_leak(line, leaks):
+    assert find_leaks(line) == leaks
+
+
+@pytest.mark.parametrize("line", [
+    '{"time":"2026-01-31T12:00:00.123Z","request_id":"3f1c9a","team":"design","status":200,"cost_usd":0.15}',
+    "WARNING gateway.proxy upstream reported no usage; charging the estimate",
+    "cache key gw:cache:{" + "a" * 64 + "} stored; sha256:" + "0" * 64,
+    "the monkey-patched key is fine, and so is gw-design-short",
+    "x " + "A" * 199 + " y",  # one short of a base64 run
+    'INFO aiohttp.access 127.0.0.1 "POST /v1/chat/completions HTTP/1.1" 401 "-" "Bearer-less client"',
+], ids=["access-line", "warning", "hashes", "near-misses", "199-base64-chars", "aiohttp-access"])
+def test_logscan_passes_clean_lines(line):
+    assert find_leaks(line) == []
+
+
+INNER_TESTS = '''
+import io, logging
+from gateway.accesslog import configure_logging, write_access_log
+from gateway.config import LoggingConfig
+from gateway.record import RequestRecord
+from tests.fixtures.logscan import watch_file
+
+def test_a_log_line(tmp_path):
+    logging.getLogger("gateway.upstream").warning("retrying with Authorization: Bearer %s", "sk-0")
+
+def test_an_access_line_of_a_non_propagating_logger():
+    configure_logging(LoggingConfig(level="info"), stream=io.StringIO())
+    write_access_log(RequestRecord("key-alpha", "POST", "/v1/chat/completions"))
+
+def test_a_spawned_gateways_log_file(tmp_path):
+    path = tmp_path / "gw0.log"
+    path.write_text('{"level":"info","message":"ok"}\\n{"message":"image data:image/png;base64,AAAA"}\\n')
+    watch_file(path)
+
+def test_clean(tmp_path):
+    logging.getLogger("gateway.proxy").warning("upstream reported no usage; charging the estimate")
+    path = tmp_path / "gw1.log"
+    path.write_text('{"level":"info","message":"gateway listening"}\\n')
+    watch_file(path)
+'''
+
+
+def test_the_logscan_plugin_fails_a_session_that_leaked_and_only_that(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # pytester adds its own directory in front
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    args = ("-p", "tests.fixtures.logscan", "-p", "no:cacheprovider", "-v")
+    leaked = pytester.runpytest_subprocess(*args)
+    assert leaked.ret == 1, leaked.stdout.str()
+    leaked.assert_outcomes(passed=4)  # every test passed; the log scan failed the session
+    report = leaked.stdout.str()
+    assert "3 log line(s) hold a key" in report
+    assert re.search(r"\[bearer token\] logger gateway.upstream \(during test_inner.py::test_a_log_line\)", report)
+    assert re.search(r"\[team key\] logger gateway.access \(during .*non_propagating_logger\)", report)
+    assert re.search(r"\[data URL\] \S*gw0.log:2 \(during .*spawned_gateways_log_file\)", report)
+    assert "gw1.log" not in report and "charging the estimate" not in report
+
+    clean = pytester.runpytest_subprocess(*args, "-k", "clean")
+    assert clean.ret == 0, clean.stdout.str()
+    assert "none leaks" in clean.stdout.str()

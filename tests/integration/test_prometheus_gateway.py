@@ -72,7 +72,7 @@ async def test_prometheus_reads_the_gateways_numbers_and_every_panel_and_rule_ev
     assert images == expected and all(v > 0 for v in images.values())
     assert expected[design] > expected[research] > 0  # design had one more image charged
     saved = await prom.values("sum by (team) (gateway_cache_saved_tokens_total)", "team")
-    assert set(saved) == {research} and saved[research] > 0
+    assert saved[research] > 0 and saved[design] == 0  # design's series is there, at 0
 
     # Every dashboard expression evaluates; the main panels return real (finite) numbers.
     dashboard = json.loads(DASHBOARD.read_text())

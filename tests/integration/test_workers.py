@@ -25,15 +25,24 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.e2e.test_metrics import parse, samples, tokens
-from tests.fixtures.gateway import gateway_config, wait_for
+from tests.fixtures.gateway import gateway_config, team_key, wait_for
+from tests.fixtures.prometheus import require_binary
 
 MODEL = "google/gemini-3-pro-image-preview"
 TEAMS = ("design", "research")
 
 
 def children(pid: int) -> set[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    """Live child processes of ``pid``, from /proc (no pgrep or psutil needed)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
 
 
 def two_workers(supervisor: int) -> set[int] | None:
@@ -63,7 +72,7 @@ class Client:
 
     async def chat(self, team: str) -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"poster number {self.sent} for {team}"}]}
-        headers = {"Authorization": f"Bearer key-{team}", "Connection": "close"}
+        headers = {"Authorization": f"Bearer {team_key(team)}", "Connection": "close"}
         async with self.http.post(self.url + "/v1/chat/completions", json=body, headers=headers) as resp:
             raw = await resp.read()
             assert resp.status == 200, raw[:300]
@@ -78,11 +87,14 @@ class Client:
         await self.chat(TEAMS[self.sent % len(TEAMS)])
         return False
 
-    async def scrape(self) -> tuple[float, Counter]:
-        """(requests_total summed, tokens by (team, type))."""
+    async def text(self) -> str:
         async with self.http.get(self.url + "/metrics", headers={"Connection": "close"}) as resp:
             assert resp.status == 200
-            families = parse(await resp.text())
+            return await resp.text()
+
+    async def scrape(self) -> tuple[float, Counter]:
+        """(requests_total summed, tokens by (team, type))."""
+        families = parse(await self.text())
         requests = sum(samples(families, "gateway_requests_total", "team", "model", "status", "cache",
                                "stream").values())
         by_type: Counter = Counter()
@@ -142,6 +154,11 @@ async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards
         await client.scrapes_agree()
         requests, by_type = await client.scrape()
         assert requests == client.sent and by_type[(TEAMS[0], "image")] > 0 and by_type[(TEAMS[1], "image")] > 0
+        exposition = await client.text()
+    # the summed (multiprocess) exposition is as clean as a single process' one
+    out = subprocess.run([require_binary("promtool"), "check", "metrics"], input=exposition, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
 
 
 def test_two_workers_on_the_memory_store_are_refused(tmp_path):
