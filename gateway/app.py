@@ -105,6 +105,10 @@ async def gateway_middleware(request: web.Request, handler) -> web.StreamRespons
         rec.status = 499  # the client went away; nobody reads a response now
         _observe(request, rec)
         raise
+    except ConnectionResetError:  # the client went away and a write found out
+        rec.status = 499
+        _observe(request, rec)
+        return web.Response(status=499)  # aiohttp drops it quietly on the closed transport
     except Exception:
         log.exception("unhandled error (request %s)", rec.request_id)
         response = _error(rec, GatewayError("The gateway failed to handle this request."))

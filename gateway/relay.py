@@ -164,9 +164,12 @@ async def relay_sse(
     rec: RequestRecord,
     scanner: EventScanner,
 ) -> Relayed:
-    """Write the stream to the client as it comes; return what the scanner saw."""
+    """Write the stream to the client as it comes; return what the scanner saw.
+
+    Only the upstream's failures are handled here (as a final error event); the client going
+    away surfaces as ``ConnectionResetError`` from the write, for the caller."""
     await response.prepare(request)
-    failure = None
+    failure: tuple[str, GatewayError] | None = None
     try:
         while chunk:
             await write_counted(response, chunk, rec)
@@ -181,17 +184,18 @@ async def relay_sse(
             started = time.perf_counter()
             try:
                 chunk = await resp.content.readany()
+            except asyncio.TimeoutError:
+                failure = ("timeout", UpstreamTimeout("The upstream stream stalled past the timeout."))
+                break
+            except aiohttp.ClientError:
+                failure = ("disconnect", UpstreamUnavailable("The upstream connection broke mid-stream."))
+                break
             finally:
                 rec.upstream_s += time.perf_counter() - started
-        if not scanner.done:
-            failure = "bad_response"
-            await _fail(response, scanner, UpstreamBadResponse("The upstream stream ended before [DONE]."), rec)
-    except asyncio.TimeoutError:
-        failure = "timeout"
-        await _fail(response, scanner, UpstreamTimeout("The upstream stream stalled past the timeout."), rec)
-    except aiohttp.ClientError:
-        failure = "disconnect"
-        await _fail(response, scanner, UpstreamUnavailable("The upstream connection broke mid-stream."), rec)
+        if failure is None and not scanner.done:
+            failure = ("bad_response", UpstreamBadResponse("The upstream stream ended before [DONE]."))
+        if failure is not None:
+            await _fail(response, scanner, failure[1], rec)
     finally:
         resp.release()
     return Relayed(
@@ -199,7 +203,7 @@ async def relay_sse(
         images_out=scanner.images_out,
         finish_reason=scanner.finish_reason,
         complete=scanner.done and scanner.error is None,
-        failure=failure,
+        failure=failure[0] if failure else None,
     )
 
 

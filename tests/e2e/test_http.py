@@ -239,3 +239,26 @@ async def test_unknown_routes_and_methods_answer_in_the_provider_shape(gw, http)
     async with http.get(gw.url + "/v1/chat/completions", headers=gw.headers()) as resp:
         assert resp.status == 405
         assert (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_a_client_leaving_mid_stream_is_a_quiet_499_not_an_upstream_error(gw, http, simulator, caplog):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = await http.post(gw.url + "/v1/chat/completions", json=body(stream=True, sim_fault="drip_ms=300"), headers=gw.headers())
+    assert resp.status == 200
+    await resp.content.readany()
+    resp.close()  # the client goes away mid-stream
+    await wait_for(lambda: _cancelled(simulator))  # the upstream call was cancelled too
+
+    async def scraped():
+        async with http.get(gw.url + "/metrics") as r:
+            text = await r.text()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    async def recorded():
+        return any(name == "gateway_requests_total" and dict(labels).get("status") == "499" for (name, labels) in await scraped())
+
+    await wait_for(recorded)
+    samples = await scraped()
+    assert not any(n == "gateway_upstream_errors_total" and v for (n, _), v in samples.items())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
