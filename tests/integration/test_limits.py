@@ -33,19 +33,21 @@ async def _close(stores) -> None:
         await s.close()
 
 
+async def _admitted_round_robin(limiters, t, i: int) -> bool:
+    """Admit one request on replica ``i % len(limiters)``; True if it was let through."""
+    try:
+        await limiters[i % len(limiters)].admit(t, request())
+        return True
+    except RateLimited:
+        return False
+
+
 @pytest.mark.parametrize("store_url", ["redis", "cluster"], indirect=True)
 async def test_500_concurrent_admits_across_three_replicas_admit_exactly_100(store_url):
     stores, limiters = await _replicas(store_url, clock=Clock())  # one instant: no refill
     t = team(Limits(requests_per_minute=100))
 
-    async def one(i: int) -> bool:
-        try:
-            await limiters[i % 3].admit(t, request())
-            return True
-        except RateLimited:
-            return False
-
-    results = await asyncio.gather(*(one(i) for i in range(500)))
+    results = await asyncio.gather(*(_admitted_round_robin(limiters, t, i) for i in range(500)))
     await _close(stores)
     assert sum(results) == 100
 
@@ -55,15 +57,8 @@ async def test_on_redis_time_only_the_refill_during_the_burst_is_added(redis_ser
     stores, limiters = await _replicas(redis_server.url)  # production path: Redis TIME
     t = team(Limits(requests_per_minute=100))
 
-    async def one(i: int) -> bool:
-        try:
-            await limiters[i % 3].admit(t, request())
-            return True
-        except RateLimited:
-            return False
-
     started = time.monotonic()
-    results = await asyncio.gather(*(one(i) for i in range(500)))
+    results = await asyncio.gather(*(_admitted_round_robin(limiters, t, i) for i in range(500)))
     refill = int((time.monotonic() - started) * 100 / 60) + 1
     await _close(stores)
     assert 100 <= sum(results) <= 100 + refill
