@@ -39,9 +39,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 round, short runs (about a minute)")
+    p.add_argument("--quick", action="store_true", help="1 round, short runs (about 1.5 minutes)")
     p.add_argument("--rounds", type=int, help="rounds of alternating contestants (default 3; --quick: 1)")
-    p.add_argument("--duration", type=int, help="whole seconds per throughput run (default 5; --quick: 2)")
+    p.add_argument("--duration", type=int, help="whole seconds per throughput run (default 4; --quick: 2)")
     p.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, bodies)")
     args = p.parse_args(argv)
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = time.monotonic()
+    load_before = os.getloadavg()[0]  # other work on the machine makes every number noisier
     rows, failed = [], False
     try:
         with Procs(workdir) as procs:
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             (workdir / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
             elapsed = time.monotonic() - started
-            print(f"\nimage gateway bench: {settings.rounds} round(s), medians; {os.cpu_count()} CPUs, "
-                  f"Python {platform.python_version()}; {elapsed:.0f} s\n")
+            print(f"\nimage gateway bench: medians of {settings.rounds} round(s); {os.cpu_count()} CPUs, "
+                  f"Python {platform.python_version()}, load average {load_before:.2f} before / "
+                  f"{os.getloadavg()[0]:.2f} after (the bench's own processes included); {elapsed:.0f} s\n")
             print(table(rows), flush=True)
         if args.keep or failed:
             print(f"work directory kept: {workdir}", file=sys.stderr)

@@ -26,8 +26,8 @@ UNLIMITED = {"requests_per_minute": 100_000_000, "tokens_per_minute": 10**13, "m
 @dataclass
 class Settings:
     rounds: int = 3
-    duration_s: int = 5  # each throughput run (wrk; whole seconds)
-    latency_s: int = 3  # each one-connection latency run (wrk -c1)
+    duration_s: int = 4  # each throughput run (wrk; whole seconds)
+    latency_s: int = 2  # each one-connection latency run (wrk -c1)
     warmup_s: int = 1  # one unmeasured wrk run per contestant before its first round
     connections: int = 32  # wrk connections for small requests
     big_connections: int = 4  # wrk connections for 10 MB responses

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import Procs
+from .procs import Proc, Procs
 
 KEY = "key-bench"
 PATH = "/v1/chat/completions"
@@ -31,6 +31,7 @@ class WrkResult:
     requests: int
     errors: int  # non-2xx answers + socket errors (connect, read, write, timeout)
     raw: str
+    cpu_us: float | None = None  # CPU the measured server process used per request (when given)
 
 
 def wrk_script(workdir: Path, body_path: Path) -> Path:
@@ -48,14 +49,19 @@ def wrk_script(workdir: Path, body_path: Path) -> Path:
 
 
 def wrk(procs: Procs, base_url: str, script: Path, *, connections: int, duration_s: float,
-        timeout_s: float = 30.0) -> WrkResult:
+        timeout_s: float = 30.0, server: Proc | None = None) -> WrkResult:
+    """One wrk run; with ``server``, also that process's CPU time per request."""
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk not found on PATH (apt-get install wrk)")
     seconds = max(1, round(duration_s))  # wrk takes whole seconds
     cmd = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={round(timeout_s)}s", "--latency",
            "-s", str(script), base_url.rstrip("/") + PATH]
-    return parse_wrk(procs.run("wrk", cmd, timeout_s=seconds + timeout_s + 30))
+    cpu_before = server.cpu_s() if server is not None else 0.0
+    result = parse_wrk(procs.run("wrk", cmd, timeout_s=seconds + timeout_s + 30))
+    if server is not None and result.requests:
+        result.cpu_us = (server.cpu_s() - cpu_before) * 1e6 / result.requests
+    return result
 
 
 def _time_ms(text: str) -> float:

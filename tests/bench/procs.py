@@ -60,6 +60,12 @@ class Proc:
                     return int(line.split()[1])
         raise KeyError(field)
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds used so far (all threads)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         return self.status_kb("VmRSS") / 1024
 
@@ -85,6 +91,8 @@ class Procs:
         self.procs: list[Proc] = []
 
     def __enter__(self) -> "Procs":
+        # Explicitly, since a shell starting us in the background leaves SIGINT ignored.
+        signal.signal(signal.SIGINT, _raise_interrupt)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         return self
 

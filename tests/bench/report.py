@@ -80,7 +80,7 @@ def table(rows: list[Row]) -> str:
         spread = c["spread"]
         lines.append([
             c["scenario"], c["contestant"], c["metric"], _fmt(c["median"]),
-            f"{_fmt(spread[0])}..{_fmt(spread[1])}" if spread and len(rows) else "-",
+            f"{_fmt(spread[0])}..{_fmt(spread[1])}" if spread else "-",
             *(_fmt(c[col]) for col in RATIO_COLUMNS), c["target"], c["met"], c["notes"],
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
