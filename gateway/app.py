@@ -22,7 +22,7 @@ from .limits import Limiter
 from .metrics import Metrics
 from .proxy import chat_completions
 from .record import RequestRecord
-from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, STORE, UPSTREAM
+from .state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, STORE, UPSTREAM
 from .upstream import Upstream
 
 log = logging.getLogger("gateway.app")
@@ -43,6 +43,7 @@ def create_app(
     closes only what it opened itself."""
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
+    app[CLOCK] = clock or time.time
     app[AUTH] = Authenticator(config)
     app[METRICS] = Metrics(
         registry=registry,
@@ -166,12 +167,12 @@ async def list_models(request: web.Request) -> web.Response:
 async def team_usage(request: web.Request) -> web.Response:
     team = request.app[AUTH].team(request)
     request["record"].team = team.name
-    return _json(await team_usage_report(request.app[STORE], team, time.time()))
+    return _json(await team_usage_report(request.app[STORE], team, request.app[CLOCK]()))
 
 
 async def admin_usage(request: web.Request) -> web.Response:
     request.app[AUTH].admin(request)
-    now = time.time()
+    now = request.app[CLOCK]()
     teams = [await team_usage_report(request.app[STORE], team, now) for team in request.app[CONFIG].teams]
     return _json({"object": "list", "data": teams})
 

@@ -14,3 +14,4 @@ CACHE = web.AppKey("cache", Any)  # cache.Cache
 METRICS = web.AppKey("metrics", Any)  # metrics.Metrics
 UPSTREAM = web.AppKey("upstream", Any)  # upstream.Upstream
 AUTH = web.AppKey("auth", Any)  # auth.Authenticator
+CLOCK = web.AppKey("clock", Any)  # () -> epoch seconds; time.time unless a test injects one

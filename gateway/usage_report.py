@@ -25,7 +25,7 @@ from .store import connect
 
 MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
-# (header, how to read it from one period of read_usage, is it money)
+# (header, how to read it from one period of read_usage)
 COLUMNS: tuple[tuple[str, Any], ...] = (
     ("REQUESTS", lambda u: u["requests"]),
     ("PROMPT", lambda u: u["tokens"]["prompt"]),

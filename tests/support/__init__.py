@@ -1,0 +1,1 @@
+"""Test-only helper programs (run as ``python -m tests.support.<name>``); never shipped."""
