@@ -15,7 +15,8 @@ script reads both hashes, Cluster-safe.
 """
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any, Mapping
 
 from .config import Team
@@ -49,23 +50,30 @@ def month_key(team: str, month: str) -> str:
 
 def period(ts: float) -> tuple[str, str]:
     """('YYYY-MM-DD', 'YYYY-MM') of a UNIX time, in UTC."""
-    d = datetime.fromtimestamp(ts, timezone.utc).date()
-    return d.isoformat(), d.isoformat()[:7]
+    return _period_of_day(int(ts // 86400))
+
+
+@lru_cache(maxsize=4)
+def _period_of_day(day: int) -> tuple[str, str]:
+    d = (_EPOCH + timedelta(days=day)).isoformat()
+    return d, d[:7]
+
+
+_EPOCH = date(1970, 1, 1)
 
 
 def increments(usage: Usage, *, cached: bool) -> list[Any]:
-    """Ledger field/increment pairs for settle.lua. A cache hit is charged nothing: it counts
-    as a request, a hit and its images, and its tokens as saved."""
-    counts = dict.fromkeys(COUNTS, 0)
-    counts["requests"] = 1
-    counts["images_in"], counts["images_out"] = usage.images_in, usage.images_out
+    """Ledger field/increment pairs for settle.lua, in COUNTS order, zeros left out. A cache hit
+    is charged nothing: it counts as a request, a hit and its images, and its tokens as saved."""
     if cached:
-        counts["cache_hits"] = 1
-        counts["cache_saved_tokens"] = usage.total
+        pairs = [("requests", 1), ("images_in", usage.images_in), ("images_out", usage.images_out),
+                 ("cache_hits", 1), ("cache_saved_tokens", usage.total)]
     else:
-        counts.update(usage.tokens())
-        counts[COST_MICRO] = round(usage.cost_usd * 1_000_000)
-    return [x for field, n in counts.items() if n for x in (field, int(n))]
+        pairs = [("requests", 1), ("prompt", usage.prompt), ("completion", usage.completion),
+                 ("image", usage.image), ("reasoning", usage.reasoning), ("audio", usage.audio),
+                 ("images_in", usage.images_in), ("images_out", usage.images_out),
+                 (COST_MICRO, round(usage.cost_usd * 1_000_000))]
+    return [x for field, n in pairs if n for x in (field, int(n))]
 
 
 def _decode(flat: list[Any] | None) -> dict[str, int]:

@@ -13,6 +13,11 @@ dead or hung Redis costs an operation at most ``timeout`` (default 1 s), never a
 reconnects by itself when Redis is back. While it is down, one operation at a time probes it
 and the others fail at once.
 
+On one Redis node, scripts are auto-pipelined (see RedisStore): those issued in the same
+event-loop tick share one write, one connection and one timeout, and each caller still gets its
+own answer or its own StoreError. That is what makes admission + settlement cheap on the hot
+path; the scripts themselves stay separate, each atomic.
+
 URL query options (ours, removed before the URL reaches redis-py): ``timeout`` (whole
 operation, s, default 1.0), ``socket_timeout`` and ``socket_connect_timeout`` (s, default 0.5),
 ``max_connections`` (in-flight operations per store, default 64).
@@ -31,7 +36,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import DataError, NoScriptError, RedisClusterException, RedisError, ResponseError
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py's own packer does the same, slower
+    _hiredis_pack = None
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,14 @@ class RedisStore:
     """The Store interface over any redis-py asyncio client (fakeredis, one node, Cluster).
 
     ``healthy`` and ``last_error`` follow the last operation, for /readyz.
+
+    With ``pipelined`` (one Redis node), scripts are auto-pipelined: every ``run_script`` issued
+    in one event-loop tick is queued and sent on the next tick as ONE non-transactional
+    pipeline, on one connection, under one timeout. Each caller still gets its own result or
+    its own StoreError (NOSCRIPT is reloaded per script, errors are translated once per call);
+    the scripts stay separate atomic units, only their round trips are shared. Without it
+    (fakeredis, where there is no round trip to save, and Cluster, whose redis-py pipeline
+    refuses EVALSHA) every operation is its own call.
     """
 
     def __init__(
@@ -87,6 +105,7 @@ class RedisStore:
         timeout_s: float = 1.0,
         max_inflight: int = 64,
         on_error: Callable[[str], None] | None = None,
+        pipelined: bool = False,
     ) -> None:
         self.client = client
         self.kind = kind  # memory | redis | cluster
@@ -94,9 +113,24 @@ class RedisStore:
         self.on_error = on_error
         self.healthy = True
         self.last_error: str | None = None
-        # bounds in-flight commands to the pool size: queue briefly instead of failing
+        # bounds in-flight commands (or pipelines) to the pool size: queue briefly instead of failing
         self._slots = asyncio.Semaphore(max_inflight)
         self._probing = False
+        self.pipelined = pipelined
+        self._queue: list[tuple[str, tuple, asyncio.Future, str]] = []  # (op, command, caller, script source)
+        self._batches: set[asyncio.Task] = set()
+
+    async def _acquire_slot(self) -> bool:
+        """A connection slot, waiting at most ``timeout``; False when none came free in time."""
+        if not self._slots.locked():  # the common case: no timer to arm
+            await self._slots.acquire()
+            return True
+        try:  # waiting for a free connection is load, not an outage
+            async with asyncio.timeout(self.timeout_s):
+                await self._slots.acquire()
+            return True
+        except TimeoutError:
+            return False
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         probe = False
@@ -105,10 +139,7 @@ class RedisStore:
                 self._failed(op, f"unavailable ({self.last_error})", down=False)
             self._probing = probe = True
         try:
-            try:  # waiting for a free connection is load, not an outage
-                async with asyncio.timeout(self.timeout_s):
-                    await self._slots.acquire()
-            except TimeoutError:
+            if not await self._acquire_slot():
                 self._failed(op, "busy: no free connection in time", down=False)
             try:
                 # the socket timeouts normally end a hung call first; this is the backstop
@@ -123,24 +154,132 @@ class RedisStore:
         except StoreError:
             raise
         except Exception as e:  # the boundary: nothing from redis-py goes further up
-            if not isinstance(e, _ERRORS):
-                log.error("unexpected error from the store client during %s", op, exc_info=e)
-            self._failed(op, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, down=True)
+            if not isinstance(e, ResponseError):  # Redis answered: its connections are fine
+                await self._drop_idle_connections()
+            self._failed(op, self._reason(op, e), down=True)
         finally:
             if probe:
                 self._probing = False
         self.healthy = True
         return result
 
-    def _failed(self, op: str, reason: str, *, down: bool) -> NoReturn:
+    async def _drop_idle_connections(self) -> None:
+        """After a failure the pooled idle connections may be dead too (Redis restarted or went
+        away), and redis-py only finds out by failing an operation on each, one by one, long
+        after Redis is back. Close them now: the next operations connect afresh."""
+        try:
+            if self.kind == "cluster":
+                await asyncio.gather(*(n.disconnect_free_connections() for n in self.client.get_nodes()))
+            elif self.kind == "redis":
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+        except Exception as e:  # closing a dead connection is not news
+            log.debug("closing idle store connections: %s", e)
+
+    @staticmethod
+    def _reason(op: str, e: BaseException) -> str:
+        if not isinstance(e, _ERRORS):
+            log.error("unexpected error from the store client during %s", op, exc_info=e)
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+    def _failure(self, op: str, reason: str, *, down: bool) -> StoreError:
         if down:
             self.healthy, self.last_error = False, reason
         if self.on_error is not None:
             self.on_error(op)
-        raise StoreError(f"store {op} failed: {reason}", op=op) from None
+        return StoreError(f"store {op} failed: {reason}", op=op)
+
+    def _failed(self, op: str, reason: str, *, down: bool) -> NoReturn:
+        raise self._failure(op, reason, down=down) from None
+
+    # ---- auto-pipelining (one Redis node) ---------------------------------------------------
+
+    def _enqueue(self, op: str, command: tuple, source: str) -> asyncio.Future:
+        if not self.healthy and self._probing:  # down and already probed: fail at once
+            self._failed(op, f"unavailable ({self.last_error})", down=False)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((op, command, future, source))
+        return future
+
+    def _flush(self) -> None:
+        # callers cancelled in the meantime (client gone) are not sent at all
+        batch = [c for c in self._queue if not c[2].done()]
+        self._queue = []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, batch: list[tuple[str, tuple, asyncio.Future, str]]) -> None:
+        """Send one batch; settle every caller's future, each exactly once. Never raises."""
+        probe = False
+        if not self.healthy:  # down: one batch probes, the rest fail fast meanwhile
+            if self._probing:
+                self._reject(batch, f"unavailable ({self.last_error})", down=False)
+                return
+            self._probing = probe = True
+        try:
+            if not await self._acquire_slot():
+                self._reject(batch, "busy: no free connection in time", down=False)
+                return
+            try:
+                # socket timeouts normally end a hung pipeline first; this is the backstop,
+                # once for the whole batch
+                async with asyncio.timeout(self.timeout_s):
+                    results = await self._pipeline(batch)
+            finally:
+                self._slots.release()
+        except Exception as e:  # the whole pipeline failed: so did every call in it
+            if not isinstance(e, ResponseError):
+                await self._drop_idle_connections()
+            self._reject(batch, self._reason(batch[0][0], e), down=True)
+            return
+        except BaseException:  # this task itself cancelled (the loop is closing): so are its callers
+            for _, _, future, _ in batch:
+                future.cancel()
+            raise
+        finally:
+            if probe:
+                self._probing = False
+        self.healthy = True
+        for (op, _, future, _), result in zip(batch, results):
+            if isinstance(result, Exception):  # this call's own error (a script error)
+                err = self._failure(op, self._reason(op, result), down=True)
+                if not future.done():
+                    future.set_exception(err)
+            elif not future.done():
+                future.set_result(result)
+
+    def _reject(self, batch: list, reason: str, *, down: bool) -> None:
+        for op, _, future, _ in batch:
+            err = self._failure(op, reason, down=down)
+            if not future.done():
+                future.set_exception(err)
+
+    async def _pipeline(self, batch: list[tuple[str, tuple, asyncio.Future, str]]) -> list[Any]:
+        """The batch's commands written at once on one pooled connection, then every answer read:
+        a result or that command's own error each. A failure of the connection raises."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            results = await _exchange(conn, [command for _, command, _, _ in batch])
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if again:  # first use on this node: EVAL sends the scripts and caches them
+                evals = [("EVAL", batch[i][3], *batch[i][1][2:]) for i in again]
+                for i, r in zip(again, await _exchange(conn, evals)):
+                    results[i] = r
+            return results
+        finally:
+            await pool.release(conn)
+
+    # ---- the Store interface ----------------------------------------------------------------
 
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         source, sha = script(name)
+        if self.pipelined:
+            return await self._enqueue(name, ("EVALSHA", sha, len(keys), *keys, *args), source)
 
         async def run() -> Any:
             try:
@@ -164,10 +303,48 @@ class RedisStore:
         await self._call("ping", self.client.ping)
 
     async def close(self) -> None:
+        if self._queue:  # queued this tick: send them rather than leave their callers waiting
+            self._flush()
+        if self._batches:  # let the pipelines in flight answer their callers (each is bounded)
+            await asyncio.gather(*self._batches, return_exceptions=True)
         try:
             await self.client.aclose()
         except _ERRORS:  # closing a dead connection is not news
             pass
+
+
+async def _exchange(conn: Any, commands: list[tuple]) -> list[Any]:
+    """Write ``commands`` in one go on ``conn`` and read one answer each, in order. A command
+    that cannot even be encoded is not sent: its result is its DataError."""
+    packed: list[bytes] = []
+    unsent: dict[int, Exception] = {}
+    for i, command in enumerate(commands):
+        try:
+            packed.append(_pack(conn, command))
+        except DataError as e:  # a caller's bad argument: its own error, not the batch's
+            unsent[i] = e
+    if packed:
+        await conn.send_packed_command(packed)
+    results: list[Any] = []
+    for i in range(len(commands)):
+        if i in unsent:
+            results.append(unsent[i])
+            continue
+        try:
+            results.append(await conn.read_response())
+        except ResponseError as e:  # this command's own error: the answers after it still follow
+            results.append(e)
+    return results
+
+
+def _pack(conn: Any, command: tuple) -> bytes:
+    """RESP for one command: hiredis' packer (C) when it takes every argument, else redis-py's."""
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(command)
+        except TypeError:  # bytearray and the like; redis-py's packer knows them (or says why not)
+            pass
+    return b"".join(conn.pack_command(*command))
 
 
 def _options(query: str) -> tuple[dict[str, float], str]:
@@ -248,4 +425,5 @@ async def connect(
         kind = "cluster"
     else:
         raise ValueError(f"store.url: unsupported scheme {parts.scheme!r} (memory, redis, rediss, redis+cluster)")
-    return RedisStore(client, kind=kind, timeout_s=timeout, max_inflight=inflight, on_error=on_error)
+    return RedisStore(client, kind=kind, timeout_s=timeout, max_inflight=inflight, on_error=on_error,
+                      pipelined=kind == "redis")

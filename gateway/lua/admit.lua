@@ -7,8 +7,9 @@
 --         burst is one minute's worth), KEYS[3] leases: zset lease id -> expiry,
 -- KEYS[4] usage prefix: the day and month ledger hashes are KEYS[4]..'day:YYYY-MM-DD' and
 --         KEYS[4]..'month:YYYY-MM' (same hash tag; derived here because the day comes from TIME).
--- ARGV[1] now_ms or ''      ARGV[2] requests_per_minute or ''   ARGV[3] tokens_per_minute or ''
--- ARGV[4] tokens reserved   ARGV[5] max_concurrent or ''        ARGV[6] lease id
+-- Per request:  ARGV[1] now_ms or ''   ARGV[2] tokens reserved   ARGV[3] lease id
+-- Per team (the same for each of its requests):
+-- ARGV[4] requests_per_minute or ''   ARGV[5] tokens_per_minute or ''   ARGV[6] max_concurrent or ''
 -- ARGV[7] lease ttl ms      ARGV[8] tokens_per_day or ''        ARGV[9] usd_per_month in micro-$ or ''
 -- ARGV[10] day ledger ttl s ARGV[11] day field counting tokens against the quota
 -- ARGV[12] month field holding micro-dollars spent
@@ -83,7 +84,7 @@ local month_cost = tonumber(redis.call('HGET', month_key, ARGV[12])) or 0
 if tpd and day_tokens >= tpd then refuse('tokens_per_day', day_reset) end
 if upm and month_cost >= upm then refuse('usd_per_month', month_reset) end
 
-local max_conc = tonumber(ARGV[5])
+local max_conc = tonumber(ARGV[6])
 if max_conc then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= max_conc then
@@ -92,8 +93,8 @@ if max_conc then
   end
 end
 
-local tokens = tonumber(ARGV[4])
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = tonumber(ARGV[2])
+local rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 local r_ok, r_tat, r_new, r_retry, t_ok, t_tat, t_new, t_retry
 if rpm then
   r_ok, r_tat, r_new, r_retry = bucket(KEYS[1], rpm, 1)
@@ -117,7 +118,7 @@ if refused == '' then
   end
   if max_conc then
     local ttl = tonumber(ARGV[7])
-    redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
+    redis.call('ZADD', KEYS[3], now + ttl, ARGV[3])
     redis.call('PEXPIRE', KEYS[3], math.ceil(ttl) + KEEP)
   end
   if tokens > 0 then

@@ -3,9 +3,9 @@
 -- admitted in, so the caller passes those ledger keys (same hash tag as the team's limits).
 --
 -- KEYS[1] tpm bucket   KEYS[2] leases   KEYS[3] day ledger hash   KEYS[4] month ledger hash
--- ARGV[1] now_ms or ''   ARGV[2] tokens_per_minute or ''   ARGV[3] tokens reserved at admission
--- ARGV[4] tokens to charge (the real usage; 0 for a cache hit)   ARGV[5] lease id or ''
--- ARGV[6] day ledger ttl s   ARGV[7] month ledger ttl s
+-- Per request: ARGV[1] now_ms or ''   ARGV[2] tokens reserved at admission
+-- ARGV[3] tokens to charge (the real usage; 0 for a cache hit)   ARGV[4] lease id or ''
+-- Per team: ARGV[5] tokens_per_minute or ''   ARGV[6] day ledger ttl s   ARGV[7] month ledger ttl s
 -- ARGV[8] day field counting tokens against the quota   ARGV[9] month field of micro-dollars
 -- ARGV[10..] ledger field, increment, field, increment, ... (added to the day and the month)
 -- Returns {day tokens counted against the quota, month micro-dollars spent}
@@ -16,12 +16,12 @@ if not now then
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 local MINUTE, KEEP = 60000, 60000
-local reserved, charged = tonumber(ARGV[3]), tonumber(ARGV[4])
+local reserved, charged = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delta = charged - reserved
 
 -- The token bucket: a refund moves the arrival time back (never before now), an extra
 -- charge moves it forward (never refused: the work is already done).
-local tpm = tonumber(ARGV[2])
+local tpm = tonumber(ARGV[5])
 if tpm and delta ~= 0 then
   local tat = tonumber(redis.call('GET', KEYS[1])) or now
   if tat < now then tat = now end
@@ -33,7 +33,7 @@ if tpm and delta ~= 0 then
   end
 end
 
-if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 
 if delta ~= 0 then redis.call('HINCRBY', KEYS[3], ARGV[8], delta) end
 for i = 10, #ARGV - 1, 2 do

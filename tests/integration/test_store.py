@@ -1,6 +1,8 @@
 """The store on every backend (memory, redis-server, 3-node Cluster), and Redis URLs for real."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway import ledger
@@ -57,3 +59,17 @@ async def test_password_and_db_in_the_url(tmp_path):
         await wrong.close()
     finally:
         server.kill()
+
+
+async def test_concurrent_scripts_each_get_their_own_answer(store):
+    """On Redis these go out as one pipeline: each caller still gets its own result or error."""
+    await store.set(ledger.day_key("c7", "2026-11-25"), b"not a hash", ttl_s=60)
+    await store.client.script_flush()  # and every script has to be loaded again on the way
+
+    async def read(i: int):
+        return await store.run_script("usage", [ledger.day_key(f"c{i}", "2026-11-25")], [])
+
+    got = await asyncio.gather(*(read(i) for i in range(20)), return_exceptions=True)
+    assert isinstance(got[7], StoreError) and got[7].op == "usage"
+    assert [g for i, g in enumerate(got) if i != 7] == [[[]]] * 19
+    assert await read(0) == [[]] and store.healthy

@@ -416,3 +416,42 @@ async def test_noop_admission():
     a = NoopAdmission()
     assert a.headers == {}
     await a.settle(Usage(prompt=1))
+
+
+def test_lease_ids_are_unique_and_a_forked_child_draws_a_new_prefix():
+    from gateway.limits import _LeaseIds
+
+    ids = _LeaseIds()
+    drawn = {ids.next() for _ in range(10_000)}
+    assert len(drawn) == 10_000
+    prefix = next(iter(drawn)).split(":")[0]
+    ids._reset()  # what os.register_at_fork runs in a child
+    assert ids.next().split(":")[0] != prefix and len(prefix) == 18
+    assert _LeaseIds().next().split(":")[0] != prefix  # another process (or replica)
+
+
+async def test_a_reconfigured_team_is_admitted_with_its_new_limits(store):
+    lim, t = Limiter(store, CONFIG, clock=Clock()), team(Limits(requests_per_minute=5))
+    assert (await lim.admit(t, request())).headers["x-ratelimit-limit-requests"] == "5"
+    again = Team(name=t.name, limits=Limits(requests_per_minute=50, tokens_per_minute=10**6))
+    a = await lim.admit(again, request())
+    assert a.headers["x-ratelimit-limit-requests"] == "50" and a.headers["x-ratelimit-limit-tokens"] == "1000000"
+    # the same bucket: 12 s used by the first request (at 5/min) + 1.2 s by this one, at 50/min
+    assert a.headers["x-ratelimit-remaining-requests"] == "39"
+    unlimited = await lim.admit(Team(name=t.name), request())
+    assert unlimited.headers == {}
+
+
+def test_ledger_increments_skip_zeros_in_field_order():
+    u = Usage(prompt=100, completion=1200, image=1120, images_in=2, images_out=1, cost_usd=0.0123456)
+    assert ledger.increments(u, cached=False) == [
+        "requests", 1, "prompt", 100, "completion", 1200, "image", 1120, "images_in", 2, "images_out", 1,
+        "cost_micro", 12346]
+    assert ledger.increments(u, cached=True) == [
+        "requests", 1, "images_in", 2, "images_out", 1, "cache_hits", 1, "cache_saved_tokens", 1300]
+
+
+@pytest.mark.parametrize("when", [utc(1970, 1, 1), utc(2026, 11, 25, 23, 59, 59, 999999), utc(2026, 11, 26),
+                                  utc(2028, 2, 29, 12), utc(1969, 12, 31, 23, 59, 59)])
+def test_ledger_period_is_the_utc_day_and_month(when):
+    assert ledger.period(when.timestamp()) == (when.date().isoformat(), when.strftime("%Y-%m"))

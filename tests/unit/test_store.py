@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
+import hiredis
 import pytest
-from redis.exceptions import ConnectionError, RedisClusterException, ResponseError, TimeoutError
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError, NoScriptError, RedisClusterException, ResponseError, TimeoutError
 
-from gateway.store import RedisStore, StoreError, _cluster_nodes, connect
+from gateway.store import RedisStore, StoreError, _cluster_nodes, connect, script
 
 
 @pytest.fixture
@@ -139,3 +142,206 @@ async def test_waiting_for_a_free_connection_is_not_an_outage():
     assert results[:2] == [b"v", b"v"]  # the second waited 0.3 s for the connection: fine
     assert isinstance(results[2], StoreError) and "busy" in str(results[2])
     assert s.healthy is True and s.last_error is None
+
+
+# --- auto-pipelining (one Redis node): a fake node that sees each write as one pipeline ----------
+
+
+class FakeNode:
+    """Answers like one Redis node: EVALSHA of an unknown script is NOSCRIPT, EVAL loads it, a
+    script touching a key in ``broken`` fails (as a script error on a wrong-type key would);
+    every write is recorded as one pipeline (the command names in it)."""
+
+    def __init__(self):
+        self.scripts: set[str] = set()
+        self.pipelines: list[list[str]] = []
+        self.broken: set[str] = set()
+        self.send_error: Exception | None = None
+        self.read_delay_s = 0.0
+
+    def answer(self, cmd: tuple[str, ...]):
+        name, body, nkeys = cmd[0], cmd[1], int(cmd[2])
+        keys, args = cmd[3:3 + nkeys], cmd[3 + nkeys:]
+        if name == "EVAL":
+            self.scripts.add(hashlib.sha1(body.encode()).hexdigest())
+        elif body not in self.scripts:
+            return NoScriptError("No matching script. Please use EVAL.")
+        if self.broken.intersection(keys):
+            return ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+        return [*keys, *args]
+
+
+class FakeConnection:
+    def __init__(self, node: FakeNode):
+        self.node, self.answers = node, []
+
+    def pack_command(self, *args):  # redis-py's packer: the fallback for what hiredis refuses
+        return Connection().pack_command(*args)
+
+    async def send_packed_command(self, data):
+        if self.node.send_error is not None:
+            raise self.node.send_error
+        reader = hiredis.Reader()
+        for chunk in data:
+            reader.feed(chunk)
+        cmds = []
+        while (cmd := reader.gets()) is not False:
+            cmds.append(tuple(x.decode() for x in cmd))
+        self.node.pipelines.append([c[0] for c in cmds])
+        self.answers += [self.node.answer(c) for c in cmds]
+
+    async def read_response(self):
+        await asyncio.sleep(self.node.read_delay_s)
+        answer = self.answers.pop(0)
+        if isinstance(answer, ResponseError):
+            raise answer
+        return answer
+
+
+class FakePool:
+    def __init__(self, node: FakeNode):
+        self.node, self.in_use = node, 0
+
+    async def get_connection(self):
+        self.in_use += 1
+        return FakeConnection(self.node)
+
+    async def release(self, connection):
+        self.in_use -= 1
+
+    async def disconnect(self, inuse_connections=True):
+        pass
+
+
+class FakeRedis:
+    def __init__(self):
+        self.node = FakeNode()
+        self.connection_pool = FakePool(self.node)
+
+
+def pipelined(**kw) -> tuple[RedisStore, FakeNode, list[str]]:
+    """A pipelined store on a fake node that already knows our scripts."""
+    ops: list[str] = []
+    client = FakeRedis()
+    client.node.scripts.update(script(name)[1] for name in ("admit", "settle", "usage"))
+    return RedisStore(client, kind="redis", pipelined=True, on_error=ops.append, **kw), client.node, ops
+
+
+async def test_scripts_in_one_tick_share_one_pipeline_each_caller_its_own_answer():
+    s, node, _ = pipelined()
+    calls = [s.run_script("admit", [f"gw:{{team:{i}}}:rpm"], [i, b"x"]) for i in range(5)]
+    assert await asyncio.gather(*calls) == [[f"gw:{{team:{i}}}:rpm", str(i), "x"] for i in range(5)]
+    assert node.pipelines == [["EVALSHA"] * 5]
+    assert await s.run_script("admit", ["k"], []) == ["k"]  # a later tick: its own pipeline
+    assert len(node.pipelines) == 2 and s.client.connection_pool.in_use == 0
+
+
+async def test_noscript_reloads_just_the_scripts_the_node_lacks():
+    s, node, ops = pipelined()
+    node.scripts = {script("settle")[1]}  # the node restarted: it lost admit
+    got = await asyncio.gather(s.run_script("admit", ["a"], [1]), s.run_script("settle", ["b"], [2]),
+                               s.run_script("admit", ["c"], [3]))
+    assert got == [["a", "1"], ["b", "2"], ["c", "3"]]
+    assert node.pipelines == [["EVALSHA"] * 3, ["EVAL", "EVAL"]]
+    await asyncio.gather(s.run_script("admit", ["a"], []), s.run_script("settle", ["b"], []))
+    assert node.pipelines[-1] == ["EVALSHA", "EVALSHA"] and ops == [] and s.healthy
+
+
+async def test_a_script_error_fails_its_own_caller_only():
+    s, node, ops = pipelined()
+    node.broken.add("bad")
+    got = await asyncio.gather(s.run_script("usage", ["ok1"], []), s.run_script("usage", ["bad"], []),
+                               s.run_script("settle", ["ok2"], []), return_exceptions=True)
+    assert got[0] == ["ok1"] and got[2] == ["ok2"]
+    assert isinstance(got[1], StoreError) and got[1].op == "usage" and "WRONGTYPE" in str(got[1])
+    assert ops == ["usage"]  # counted once, for the caller that failed
+
+
+async def test_an_argument_that_cannot_be_sent_fails_its_own_caller_only():
+    s, node, ops = pipelined()
+    got = await asyncio.gather(s.run_script("usage", ["a"], [bytearray(b"fine")]),
+                               s.run_script("usage", ["b"], [object()]), return_exceptions=True)
+    assert got[0] == ["a", "fine"]
+    assert isinstance(got[1], StoreError) and "DataError" in str(got[1]) and ops == ["usage"]
+    assert node.pipelines[0] == ["EVALSHA"]  # the bad one never left
+
+
+async def test_a_failed_pipeline_fails_each_caller_once_then_recovers():
+    s, node, ops = pipelined()
+    node.send_error = ConnectionError("Connection reset by peer")
+    got = await asyncio.gather(*(s.run_script("admit", [f"k{i}"], []) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(e, StoreError) and "ConnectionError" in str(e) for e in got)
+    assert ops == ["admit"] * 3 and s.healthy is False and "ConnectionError" in s.last_error
+    node.send_error = None
+    assert await s.run_script("admit", ["k"], []) == ["k"]  # the probe gets through: healthy again
+    assert s.healthy is True and s.client.connection_pool.in_use == 0
+
+
+async def test_a_hung_pipeline_costs_its_callers_at_most_the_timeout():
+    s, node, ops = pipelined(timeout_s=0.2)
+    node.read_delay_s = 3600
+    started = asyncio.get_running_loop().time()
+    got = await asyncio.wait_for(asyncio.gather(*(s.run_script("admit", [f"k{i}"], []) for i in range(4)),
+                                                return_exceptions=True), 5)
+    assert asyncio.get_running_loop().time() - started < 1
+    assert all(isinstance(e, StoreError) for e in got) and ops == ["admit"] * 4
+    assert "TimeoutError" in s.last_error and s.client.connection_pool.in_use == 0
+
+
+async def test_pipelined_while_down_one_batch_probes_and_the_others_fail_at_once():
+    s, node, ops = pipelined(timeout_s=0.5)
+    node.read_delay_s = 3600
+    s.healthy, s.last_error = False, "ConnectionError"
+    probe = asyncio.gather(s.run_script("admit", ["a"], []), s.run_script("admit", ["b"], []),
+                           return_exceptions=True)
+    await asyncio.sleep(0.01)
+    for _ in range(5):  # answered at once, without waiting on the hung node
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(s.run_script("settle", ["c"], []), 0.1)
+    assert all(isinstance(e, StoreError) for e in await probe)
+    assert node.pipelines == [["EVALSHA", "EVALSHA"]]  # only the probe went out
+    assert sorted(ops) == ["admit", "admit"] + ["settle"] * 5
+
+
+async def test_a_caller_gone_before_the_pipeline_leaves_is_not_sent():
+    s, node, _ = pipelined()
+    gone = asyncio.create_task(s.run_script("admit", ["gone"], []))
+    stays = asyncio.create_task(s.run_script("admit", ["stays"], []))
+    await asyncio.sleep(0)  # both queued, the pipeline not yet written
+    gone.cancel()
+    assert await stays == ["stays"]
+    assert node.pipelines == [["EVALSHA"]]
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+async def test_pipelined_waiting_for_a_free_connection_is_not_an_outage():
+    s, node, _ = pipelined(timeout_s=0.45, max_inflight=1)
+    node.read_delay_s = 0.3
+
+    async def later(delay, key):
+        await asyncio.sleep(delay)
+        return await s.run_script("usage", [key], [])
+
+    results = await asyncio.gather(later(0, "a"), later(0.01, "b"), later(0.02, "c"), return_exceptions=True)
+    assert results[:2] == [["a"], ["b"]]  # the second waited 0.3 s for the connection: fine
+    assert isinstance(results[2], StoreError) and "busy" in str(results[2])
+    assert s.healthy is True and s.last_error is None
+
+
+async def test_close_lets_the_pipelines_in_flight_answer():
+    s, node, _ = pipelined()
+    node.read_delay_s = 0.05
+    s.client.aclose = lambda: asyncio.sleep(0)
+    pending = asyncio.ensure_future(s.run_script("usage", ["a"], []))
+    await asyncio.sleep(0.01)
+    await s.close()
+    assert pending.done() and pending.result() == ["a"]
+
+
+async def test_only_a_single_redis_node_is_pipelined():
+    memory, redis_ = await connect("memory://"), await connect("redis://127.0.0.1:6390/0")
+    cluster = await connect("redis+cluster://127.0.0.1:7000")
+    assert (memory.pipelined, redis_.pipelined, cluster.pipelined) == (False, True, False)
+    for s in (memory, redis_, cluster):
+        await s.close()
