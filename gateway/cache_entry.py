@@ -2,23 +2,27 @@
 
 An entry keeps images as raw decoded bytes, never base64 text, so it is no larger than the
 images plus a small envelope. The envelope is binary: ``GWC1``, a 4-byte header length, an
-orjson header (text, usage, each image's mime and length), then the image bytes back to back.
-``decode`` hands out memoryview slices of the stored buffer, so reading an entry copies no
-image. Rendering writes base64 slice by slice, so a hit never holds the whole answer twice.
-Only complete successes become entries: ``finish_reason: stop``, and an image or some text.
+orjson header (a random id and the store time first, then text, usage, each image's mime and
+length), then the image bytes back to back. The id makes an entry's first bytes tell one put
+from another, so a reader that takes a big entry in ranges can check every range belongs to
+the entry it started on. ``decode`` hands out memoryview slices of the stored buffer, so
+reading an entry copies no image; ``read_head`` reads the header alone and locates the images
+(``StoredImage``) without having their bytes. A hit is rendered as a plan: literal bytes and
+image slots, whose base64 is written slice by slice, so a hit never holds the whole answer
+twice. Only complete successes become entries: ``finish_reason: stop``, and an image or some text.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import secrets
 import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 
 import orjson
+import pybase64
 
 _MAGIC = b"GWC1"
 _PREFIX = struct.Struct(">4sI")  # magic, header length
@@ -26,6 +30,7 @@ _MIME = re.compile(r"^[a-z0-9.+-]+/[a-z0-9.+-]+$")
 # Base64 is written in slices of this many raw bytes (a multiple of 3, so slices concatenate
 # into one valid base64 string): 768 KiB in, 1 MiB out per write.
 SLICE_BYTES = 3 * 256 * 1024
+_NO_ID = "0" * 16  # an id's length, to size an entry before it has one
 # Stands for each image URL while a body is dumped; random, so no text can collide with it.
 _URL_SLOT = f"\x00gw-image-{secrets.token_hex(8)}\x00"
 _URL_SLOT_JSON = orjson.dumps(_URL_SLOT)
@@ -35,14 +40,36 @@ class EntryFormatError(ValueError):
     """Stored bytes that are not an entry this code wrote (corrupt, truncated, other version)."""
 
 
+def b64_len(size: int) -> int:
+    """Length of the base64 text of ``size`` raw bytes (padded)."""
+    return (size + 2) // 3 * 4
+
+
 @dataclass(frozen=True, slots=True)
 class CachedImage:
     mime: str
     data: bytes | memoryview  # the decoded image bytes
 
     @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
     def b64_len(self) -> int:
-        return (len(self.data) + 2) // 3 * 4
+        return b64_len(len(self.data))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """An image not read yet: ``size`` raw bytes at ``offset`` of the stored entry."""
+
+    mime: str
+    size: int
+    offset: int
+
+    @property
+    def b64_len(self) -> int:
+        return b64_len(self.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,48 +77,74 @@ class CacheEntry:
     model: str
     content: str = ""
     reasoning_content: str = ""
-    images: tuple[CachedImage, ...] = ()
+    images: tuple[CachedImage | StoredImage, ...] = ()  # StoredImage only from ``read_head``
     usage: dict[str, Any] | None = None
     created: int = 0  # the provider's "created"
     stored_at: float = 0.0  # when it went into the cache (for the Age header)
 
-    def _header(self) -> bytes:
+    def _header(self, entry_id: str) -> bytes:
+        # id and stored_at first: they make the first bytes of each put's entry its own
         return orjson.dumps({
+            "id": entry_id, "stored_at": self.stored_at,
             "model": self.model, "content": self.content, "reasoning": self.reasoning_content,
-            "usage": self.usage, "created": self.created, "stored_at": self.stored_at,
-            "images": [[img.mime, len(img.data)] for img in self.images],
+            "usage": self.usage, "created": self.created,
+            "images": [[img.mime, img.size] for img in self.images],
         })
 
     def encoded_size(self) -> int:
         """The length of ``encode()``, known without building it (to refuse over-size entries)."""
-        return _PREFIX.size + len(self._header()) + sum(len(img.data) for img in self.images)
+        return _PREFIX.size + len(self._header(_NO_ID)) + sum(img.size for img in self.images)
 
     def encode(self) -> bytes:
-        head = self._header()
+        head = self._header(secrets.token_hex(len(_NO_ID) // 2))
         return b"".join([_PREFIX.pack(_MAGIC, len(head)), head, *(img.data for img in self.images)])
 
-    @classmethod
-    def decode(cls, data: bytes) -> "CacheEntry":
-        """Raise EntryFormatError on anything this code did not write; images are views of ``data``."""
-        view = memoryview(data)
+    @staticmethod
+    def head_size(data: bytes | memoryview) -> int:
+        """How many bytes an entry's header ends at, from its first 8; EntryFormatError if not ours."""
         try:
-            magic, head_len = _PREFIX.unpack_from(view)
-            pos = _PREFIX.size + head_len
-            head = orjson.loads(view[_PREFIX.size:pos]) if magic == _MAGIC else None
+            magic, head_len = _PREFIX.unpack_from(data)
+        except struct.error:
+            raise EntryFormatError("unreadable cache entry: too short") from None
+        if magic != _MAGIC:
+            raise EntryFormatError("unreadable cache entry: not an entry")
+        return _PREFIX.size + head_len
+
+    @classmethod
+    def read_head(cls, data: bytes | memoryview) -> tuple["CacheEntry", int]:
+        """The entry whose header starts ``data``, its images as ``StoredImage``, and the entry's
+        whole size as the header tells it. ``data`` must hold the header (``head_size``); the
+        images need not be there. EntryFormatError on anything this code did not write."""
+        view = memoryview(data)
+        pos = cls.head_size(view)
+        if pos > len(view):
+            raise EntryFormatError("unreadable cache entry: the header is cut short")
+        try:
+            head = orjson.loads(view[_PREFIX.size:pos])
             images = []
             for mime, size in head["images"]:
-                images.append(CachedImage(mime, view[pos:pos + size]))
+                if not isinstance(mime, str) or type(size) is not int or size < 0:
+                    raise ValueError("bad image")
+                images.append(StoredImage(mime, size, pos))
                 pos += size
             entry = cls(
                 model=head["model"], content=head["content"], reasoning_content=head["reasoning"],
                 images=tuple(images), usage=head["usage"], created=head["created"],
                 stored_at=head["stored_at"],
             )
-        except (struct.error, KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise EntryFormatError(f"unreadable cache entry: {type(e).__name__}") from None
-        if pos != len(view):
+        return entry, pos
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> "CacheEntry":
+        """Raise EntryFormatError on anything this code did not write; images are views of ``data``."""
+        view = memoryview(data)
+        entry, size = cls.read_head(view)
+        if size != len(view):
             raise EntryFormatError("image lengths do not match the entry size")
-        return entry
+        images = tuple(CachedImage(i.mime, view[i.offset:i.offset + i.size]) for i in entry.images)
+        return replace(entry, images=images)
 
 
 # ---- building an entry from an upstream success -------------------------------------------
@@ -108,9 +161,21 @@ def _image_from_part(part: Any) -> CachedImage | None:
     if "base64" not in meta[1:] or not _MIME.match(meta[0].lower()):
         return None
     try:
-        return CachedImage(meta[0].lower(), binascii.a2b_base64(url[comma + 1:], strict_mode=False))
-    except (binascii.Error, ValueError):
+        return CachedImage(meta[0].lower(), _b64decode_lenient(url[comma + 1:]))
+    except ValueError:  # binascii.Error is a ValueError
         return None
+
+
+def _b64decode_lenient(text: str) -> bytes:
+    """``binascii.a2b_base64(text, strict_mode=False)``, fast for the usual, canonical text.
+
+    What pybase64 takes with ``validate=True`` binascii decodes to the same bytes; anything
+    else (line breaks, odd padding) goes to binascii, whose lenient rules decide as before.
+    """
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except ValueError:
+        return binascii.a2b_base64(text, strict_mode=False)
 
 
 class _Builder:
@@ -205,36 +270,37 @@ class SSECollector:
 # ---- replaying an entry --------------------------------------------------------------------
 
 
-def _filled(doc: dict, images: tuple[CachedImage, ...], slice_bytes: int) -> tuple[int, Iterator[bytes]]:
-    """``doc`` dumped with each URL slot filled by its image's data URL: (length, pieces).
+# A hit's body as a plan: literal bytes, and ints that stand for "the base64 of image i" (only
+# the base64 itself: the data URL's prefix and closing quote are in the literals around it).
+Plan = list  # list[bytes | int]
 
-    The base64 comes in slices of ``slice_bytes`` raw bytes, never as one whole string.
-    """
+
+def _add(plan: Plan, literal: bytes) -> None:
+    """Append a literal, joined to the one before it: fewer, larger writes."""
+    if plan and isinstance(plan[-1], bytes):
+        plan[-1] += literal
+    else:
+        plan.append(literal)
+
+
+def _add_doc(plan: Plan, lead: bytes, doc: dict, images: Sequence[CachedImage | StoredImage]) -> None:
+    """``lead`` and ``doc`` dumped, each URL slot becoming ``"data:<mime>;base64,`` + a slot."""
     pieces = orjson.dumps(doc).split(_URL_SLOT_JSON)
     if len(pieces) != len(images) + 1:
         raise AssertionError("image URL slot count mismatch")
-    # each slot becomes "data:<mime>;base64,<b64>": 15 bytes of quotes and markers
-    size = sum(map(len, pieces)) + sum(img.b64_len + len(img.mime) + 15 for img in images)
-
-    def fill() -> Iterator[bytes]:
-        yield pieces[0]
-        for image, after in zip(images, pieces[1:]):
-            yield b'"data:' + image.mime.encode() + b";base64,"
-            view = memoryview(image.data)
-            for start in range(0, len(view), slice_bytes):
-                yield base64.b64encode(view[start:start + slice_bytes])
-            yield b'"' + after
-
-    return size, fill()
+    _add(plan, lead + pieces[0])
+    for i, (image, after) in enumerate(zip(images, pieces[1:])):
+        _add(plan, b'"data:' + image.mime.encode() + b";base64,")
+        plan.append(i)
+        _add(plan, b'"' + after)
 
 
-def _image_parts(images: tuple[CachedImage, ...]) -> list[dict]:
+def _image_parts(images: Sequence[CachedImage | StoredImage]) -> list[dict]:
     return [{"type": "image_url", "index": i, "image_url": {"url": _URL_SLOT}} for i in range(len(images))]
 
 
-def render_json_chunks(entry: CacheEntry, request_id: str,
-                       slice_bytes: int = SLICE_BYTES) -> tuple[int, Iterator[bytes]]:
-    """The provider's ``chat.completion`` body as (Content-Length, pieces), to stream a hit."""
+def json_plan(entry: CacheEntry, request_id: str) -> tuple[int, Plan]:
+    """The provider's ``chat.completion`` body for a hit: (its length, its plan)."""
     message = {
         "role": "assistant", "content": entry.content, "refusal": None, "annotations": None,
         "images": _image_parts(entry.images), "reasoning_content": entry.reasoning_content,
@@ -247,7 +313,56 @@ def render_json_chunks(entry: CacheEntry, request_id: str,
                      "native_finish_reason": "STOP", "logprobs": None}],
         "usage": entry.usage, "system_fingerprint": None, "service_tier": None, "logprobs": None,
     }
-    return _filled(doc, entry.images, slice_bytes)
+    plan: Plan = []
+    _add_doc(plan, b"", doc, entry.images)
+    size = sum(entry.images[item].b64_len if type(item) is int else len(item) for item in plan)
+    return size, plan
+
+
+def sse_plan(entry: CacheEntry, include_usage: bool, request_id: str) -> Plan:
+    """The provider's stream for a hit: content, one images event, stop (+usage), [DONE]."""
+    base = {"id": f"chatcmpl_{request_id}", "object": "chat.completion.chunk",
+            "created": entry.created, "model": entry.model}
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "native_finish_reason": finish and finish.upper(), "logprobs": None}
+        return {**base, "choices": [choice], "system_fingerprint": None, **extra}
+
+    first = {"role": "assistant", "content": entry.content}
+    if entry.reasoning_content:
+        first["reasoning_content"] = entry.reasoning_content
+    plan: Plan = [b"data: " + orjson.dumps(chunk(first)) + b"\n\n"]
+    if entry.images:
+        _add_doc(plan, b"data: ", chunk({"images": _image_parts(entry.images)}), entry.images)
+        _add(plan, b"\n\n")
+    usage = {"usage": entry.usage} if entry.usage is not None else {}
+    _add(plan, b"data: " + orjson.dumps(chunk({}, "stop", **({} if include_usage else usage))) + b"\n\n")
+    if include_usage and usage:
+        _add(plan, b"data: " + orjson.dumps({**base, "choices": [], "system_fingerprint": None, **usage}) + b"\n\n")
+    _add(plan, b"data: [DONE]\n\n")
+    return plan
+
+
+def fill(plan: Plan, images: Sequence[CachedImage | StoredImage], slice_bytes: int = SLICE_BYTES) -> Iterator[bytes]:
+    """A plan's pieces with images in memory: each image's base64 in slices of ``slice_bytes`` raw bytes."""
+    for item in plan:
+        if type(item) is not int:
+            yield item
+            continue
+        image = images[item]
+        if not isinstance(image, CachedImage):
+            raise TypeError("the image is still in the store; read the entry whole first")
+        view = memoryview(image.data)
+        for start in range(0, len(view), slice_bytes):
+            yield pybase64.b64encode(view[start:start + slice_bytes])
+
+
+def render_json_chunks(entry: CacheEntry, request_id: str,
+                       slice_bytes: int = SLICE_BYTES) -> tuple[int, Iterator[bytes]]:
+    """The provider's ``chat.completion`` body as (Content-Length, pieces), to stream a hit."""
+    size, plan = json_plan(entry, request_id)
+    return size, fill(plan, entry.images, slice_bytes)
 
 
 def render_json(entry: CacheEntry, request_id: str) -> bytearray:
@@ -263,29 +378,5 @@ def render_json(entry: CacheEntry, request_id: str) -> bytearray:
 
 
 def render_sse(entry: CacheEntry, include_usage: bool, *, request_id: str = "") -> Iterator[bytes]:
-    """The provider's stream for a hit: content, one images event, stop (+usage), [DONE].
-
-    The images event is yielded in slices; write each chunk as it comes.
-    """
-    base = {"id": f"chatcmpl_{request_id or secrets.token_hex(16)}", "object": "chat.completion.chunk",
-            "created": entry.created, "model": entry.model}
-
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish,
-                  "native_finish_reason": finish and finish.upper(), "logprobs": None}
-        return {**base, "choices": [choice], "system_fingerprint": None, **extra}
-
-    first = {"role": "assistant", "content": entry.content}
-    if entry.reasoning_content:
-        first["reasoning_content"] = entry.reasoning_content
-    yield b"data: " + orjson.dumps(chunk(first)) + b"\n\n"
-    if entry.images:
-        _, parts = _filled(chunk({"images": _image_parts(entry.images)}), entry.images, SLICE_BYTES)
-        yield b"data: " + next(parts)
-        yield from parts
-        yield b"\n\n"
-    usage = {"usage": entry.usage} if entry.usage is not None else {}
-    yield b"data: " + orjson.dumps(chunk({}, "stop", **({} if include_usage else usage))) + b"\n\n"
-    if include_usage and usage:
-        yield b"data: " + orjson.dumps({**base, "choices": [], "system_fingerprint": None, **usage}) + b"\n\n"
-    yield b"data: [DONE]\n\n"
+    """The provider's stream for a hit; the images event comes in slices: write each as it comes."""
+    return fill(sse_plan(entry, include_usage, request_id or secrets.token_hex(16)), entry.images)

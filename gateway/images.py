@@ -11,7 +11,8 @@ thread running this hands the GIL back to the event loop between slices.
 
 Base64 must be strictly valid (``binascii.a2b_base64(strict_mode=True)``: standard alphabet,
 correct padding), except that ASCII whitespace (space, tab, CR, LF) is ignored, so the same
-image wrapped at 76 columns or not gives the same facts.
+image wrapped at 76 columns or not gives the same facts. Slices are decoded by pybase64 (SIMD,
+~20x binascii); what it refuses goes to binascii, so binascii's strict rules stay the judge.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import hashlib
 from binascii import a2b_base64
 
 import orjson
+import pybase64
 
 from .errors import InvalidRequest
 
@@ -35,6 +37,19 @@ SLICE = 1 << 20  # base64 characters decoded at a time; a multiple of 4
 _HEAD = 12  # bytes needed to tell the formats apart (WEBP: RIFF....WEBP)
 _MAX_HEADER = 64  # characters between "data:" and the comma
 _WHITESPACE = b" \t\r\n"
+
+
+def _strict_b64decode(data: str | bytes | memoryview) -> bytes:
+    """``a2b_base64(data, strict_mode=True)``, fast for the usual, valid input.
+
+    pybase64 with ``validate=True`` accepts a subset of what binascii's strict mode accepts,
+    decoded to the same bytes (binascii also takes, e.g., a stray ``=`` after a full group), so
+    only input pybase64 refuses is handed to binascii, which accepts it or raises as before.
+    """
+    try:
+        return pybase64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error is a ValueError
+        return a2b_base64(data, strict_mode=True)
 
 
 def sniff(head: bytes) -> str | None:
@@ -90,7 +105,7 @@ def check_data_url(url: str, *, param: str, max_bytes: int) -> tuple[str, int, s
         piece = None
         if not slow:
             try:
-                piece = a2b_base64(text, strict_mode=True)
+                piece = _strict_b64decode(text)
                 group_end = text[-1]
             except ValueError:
                 slow = True
@@ -104,7 +119,7 @@ def check_data_url(url: str, *, param: str, max_bytes: int) -> tuple[str, int, s
             if not cut:
                 continue
             try:
-                piece = a2b_base64(memoryview(data)[:cut], strict_mode=True)
+                piece = _strict_b64decode(memoryview(data)[:cut])
             except ValueError:
                 raise not_base64 from None
             group_end = chr(data[cut - 1])

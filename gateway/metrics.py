@@ -17,8 +17,11 @@ Use one ``Metrics`` per process in that mode: instances of one process share its
 from __future__ import annotations
 
 import os
+import threading
+from bisect import bisect_left
 from contextlib import nullcontext
-from typing import Iterable
+from operator import attrgetter
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client import exposition as _exposition
@@ -81,19 +84,130 @@ def _no_inflight(_team: object) -> nullcontext:
     return _NULL_CONTEXT
 
 
+# -- the hot path's view of a child ---------------------------------------------------------------
+# A labelled child's public inc/observe takes a lock and re-checks on every call what holds from
+# its creation on (labels complete, amount not negative), and walks the buckets in Python. The
+# request path moves ~15 of them per request, so it never calls them: it gets, per child, a
+# callable made once.
+#
+# In one process (the usual case) that callable adds to a plain tally (``_Tally``,
+# ``_HistogramTally``); a collector registered ahead of the metrics hands the tallies to their
+# children whenever the whole registry is collected, so every scrape is exact. The request path
+# runs on the event loop's thread; collecting may run on any (publishing only reads the tallies).
+# With several workers another process reads this one's files, so there the callable moves the
+# child's own value at once (``_adder``, ``_observer``).
+
+
+def _adder(child: Counter | Gauge) -> Callable[[float], None]:
+    """``child.inc`` for amounts the caller knows are valid (> 0 for a counter)."""
+    value = getattr(child, "_value", None)
+    return value.inc if callable(getattr(value, "inc", None)) else child.inc
+
+
+def _histogram_parts(child: Histogram) -> tuple[tuple, tuple, Callable] | None:
+    """(upper bounds, each bucket's inc, the sum's inc), or None if this client keeps them elsewhere."""
+    try:
+        bounds = tuple(child._upper_bounds)
+        buckets = tuple(b.inc for b in child._buckets)
+        add_sum = child._sum.inc
+    except AttributeError:
+        return None
+    if len(bounds) != len(buckets) or bounds[-1] != float("inf"):
+        return None
+    return bounds, buckets, add_sum
+
+
+def _observer(child: Histogram) -> Callable[[float], None]:
+    """``child.observe``: the sum, and the first bucket whose upper bound is >= the amount."""
+    parts = _histogram_parts(child)
+    if parts is None:
+        return child.observe
+    bounds, buckets, add_sum = parts
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        buckets[bisect_left(bounds, amount)](1)
+
+    return observe
+
+
+class _Tally:
+    """What the request path added to one counter or gauge child, until ``publish``."""
+
+    __slots__ = ("total", "_published", "_inc")
+
+    def __init__(self, child: Counter | Gauge) -> None:
+        self.total = 0
+        self._published = 0
+        self._inc = _adder(child)
+
+    def add(self, amount: float) -> None:
+        self.total += amount
+
+    def publish(self) -> None:
+        total = self.total  # read once; what is added meanwhile goes with the next publish
+        if total != self._published:
+            self._inc(total - self._published)
+            self._published = total
+
+
+class _HistogramTally:
+    """What the request path observed for one histogram child, until ``publish``."""
+
+    __slots__ = ("_bounds", "counts", "sum", "_published_counts", "_published_sum", "_buckets", "_add_sum")
+
+    def __init__(self, parts: tuple[tuple, tuple, Callable]) -> None:
+        self._bounds, self._buckets, self._add_sum = parts
+        self.counts = [0] * len(self._bounds)
+        self._published_counts = [0] * len(self._bounds)
+        self.sum = self._published_sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect_left(self._bounds, amount)] += 1
+
+    def publish(self) -> None:
+        for i, (n, published) in enumerate(zip(self.counts, self._published_counts)):
+            if n != published:
+                self._buckets[i](n - published)
+                self._published_counts[i] = n
+        total = self.sum
+        if total != self._published_sum:
+            self._add_sum(total - self._published_sum)
+            self._published_sum = total
+
+
+class _Publisher:
+    """A collector with no metric of its own, registered before the metrics: collecting the
+    registry first hands every tally to its child."""
+
+    def __init__(self, publish: Callable[[], None]) -> None:
+        self._publish = publish
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self._publish()
+        return []
+
+
 class _Inflight:
     """Reusable, stateless context manager: one per team, no allocation per request."""
 
-    __slots__ = ("_gauge",)
+    __slots__ = ("_add",)
 
-    def __init__(self, gauge: Gauge):
-        self._gauge = gauge
+    def __init__(self, add: Callable[[float], None]):
+        self._add = add
 
     def __enter__(self) -> None:
-        self._gauge.inc()
+        self._add(1)
 
     def __exit__(self, *_exc: object) -> None:
-        self._gauge.dec()
+        self._add(-1)
+
+
+_TOKENS = attrgetter(*TOKEN_TYPES)  # usage -> its token counts, in TOKEN_TYPES order
 
 
 class _Spend:
@@ -101,6 +215,12 @@ class _Spend:
     first increment shows in rate(), and teams that never spend (``none``) get no token series."""
 
     __slots__ = ("tokens", "cost", "images_in", "images_out")
+
+
+class _Row:
+    """Everything one kind of finished request moves, keyed by (team, model, status, cache, stream)."""
+
+    __slots__ = ("count", "duration", "ttfb", "spend_key", "spend")
 
 
 class _WithoutCreated:
@@ -139,6 +259,9 @@ class Metrics:
         else:
             own = self.registry
             self._source = _WithoutCreated(self.registry)
+            self._tally_of: dict[int, _Tally | _HistogramTally] = {}  # by id() of their child
+            self._publish_lock = threading.Lock()
+            own.register(_Publisher(self._publish))  # ahead of the metrics
         def counter(name, doc, labels):
             return Counter(name, doc, labels, registry=own)
 
@@ -169,55 +292,55 @@ class Metrics:
         # The store holds the truth; the latest report from any worker is the best view of it.
         self.quota = Gauge("gateway_quota_remaining", "What a team may still spend of a quota.",
                            ("team", "quota"), multiprocess_mode="mostrecent", registry=own)
-        self._timing: dict[tuple, tuple[Histogram, Histogram]] = {}
+        self._observe_overhead = self._observing(self.overhead)
+        self._rows: dict[tuple, _Row] = {}
+        self._timing: dict[tuple, tuple[Callable, Callable]] = {}
         self._spend: dict[tuple, _Spend] = {}
-        self._requests: dict[tuple, Counter] = {}
         self._inflight: dict[str, _Inflight] = {}
+        self._labelled: dict[tuple, Counter | Gauge] = {}  # children of the rarer calls
         # Series born at 0: Prometheus' rate() and increase() cannot see a series' first event.
         for team in teams:
             self.cache_saved_tokens.labels(team)
             for limit in LIMITS:
                 self.rejections.labels(team, limit)
-        self._upstream: dict[tuple, Histogram] = {}
-        self._upstream_errors = {k: self.upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS}
+        self._upstream: dict[tuple, Callable[[float], None]] = {}
+        self._upstream_errors = {k: _adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
 
     # -- the request path ---------------------------------------------------------------------
 
     def observe_request(self, rec: RequestRecord) -> None:
         """Once per finished request, whatever its outcome."""
-        team = rec.team or NO_TEAM
-        model = rec.model if rec.model in self._models else OTHER_MODEL
-        rkey = (team, model, rec.status, rec.cache, rec.stream)
-        (self._requests.get(rkey) or self._new_request_child(rkey)).inc()
-        key = (team, model, rec.stream)
-        duration, ttfb = self._timing.get(key) or self._new_timing(key)
-        duration.observe(rec.duration_s)
+        model = rec.model
+        key = (rec.team or NO_TEAM, model if model in self._models else OTHER_MODEL, rec.status, rec.cache,
+               rec.stream)
+        row = self._rows.get(key) or self._new_row(key)
+        row.count(1)
+        row.duration(rec.duration_s)
         if rec.ttfb_s is not None:
-            ttfb.observe(rec.ttfb_s)
-        self.overhead.observe(rec.overhead_s)
+            row.ttfb(rec.ttfb_s)
+        self._observe_overhead(rec.overhead_s)
         usage = rec.usage
         if usage is None:
             return
-        spend = self._spend.get(key[:2]) or self._new_spend(key[:2])
+        spend = row.spend or self._new_spend(row)
         if usage.images_in:
-            spend.images_in.inc(usage.images_in)
+            spend.images_in(usage.images_in)
         if usage.images_out:
-            spend.images_out.inc(usage.images_out)
+            spend.images_out(usage.images_out)
         if rec.cache == "hit":
             return  # nothing was charged
-        for kind, child in spend.tokens:
-            n = getattr(usage, kind)
+        for n, add in zip(_TOKENS(usage), spend.tokens):
             if n > 0:
-                child.inc(n)
+                add(n)
         if usage.cost_usd > 0:
-            spend.cost.inc(usage.cost_usd)
+            spend.cost(usage.cost_usd)
 
     def inflight(self, team: str | None):
         """``with metrics.inflight(team):`` around the handling of one request."""
         team = team or NO_TEAM
         tracker = self._inflight.get(team)
         if tracker is None:
-            tracker = self._inflight[team] = _Inflight(self.inflight_requests.labels(team))
+            tracker = self._inflight[team] = _Inflight(self._counting(self.inflight_requests.labels(team)))
         return tracker
 
     def upstream_done(self, model: str, status: int | str, seconds: float) -> None:
@@ -226,30 +349,30 @@ class Metrics:
         child = self._upstream.get(key)
         if child is None:
             folded = model if model in self._models else OTHER_MODEL
-            child = self._upstream[key] = self.upstream_duration.labels(folded, str(status))
-        child.observe(seconds)
+            child = self._upstream[key] = self._observing(self.upstream_duration.labels(folded, str(status)))
+        child(seconds)
 
     def upstream_error(self, kind: str) -> None:
         """``kind`` is one of UPSTREAM_ERROR_KINDS (KeyError otherwise: a bug at the call site)."""
-        self._upstream_errors[kind].inc()
+        self._upstream_errors[kind](1)
 
     def store_error(self, op: str) -> None:
         """``op`` is a fixed name from the code (get, set, script, ping...), never data."""
-        self.store_errors.labels(op).inc()
+        self._child(self.store_errors, op).inc()
 
     def rejection(self, team: str, limit: str) -> None:
         if limit not in LIMITS:
             raise ValueError(f"unknown limit {limit!r}")
-        self.rejections.labels(team or NO_TEAM, limit).inc()
+        self._child(self.rejections, team or NO_TEAM, limit).inc()
 
     def cache_saved(self, team: str, tokens: int) -> None:
         if tokens > 0:
-            self.cache_saved_tokens.labels(team or NO_TEAM).inc(tokens)
+            self._child(self.cache_saved_tokens, team or NO_TEAM).inc(tokens)
 
     def quota_remaining(self, team: str, quota: str, value: float) -> None:
         if quota not in QUOTAS:
             raise ValueError(f"unknown quota {quota!r}")
-        self.quota.labels(team, quota).set(value)
+        self._child(self.quota, team, quota).set(value)
 
     # -- the /metrics route ---------------------------------------------------------------------
 
@@ -261,25 +384,63 @@ class Metrics:
 
     # -- children, created once per label set ---------------------------------------------------
 
-    def _new_timing(self, key: tuple) -> tuple[Histogram, Histogram]:
-        team, model, stream = key
-        pair = self.request_duration.labels(team, model, "true" if stream else "false"), self.ttfb.labels(team, model)
-        self._timing[key] = pair
-        return pair
+    def _new_row(self, key: tuple) -> _Row:
+        team, model, status, cache, stream = key
+        flag = "true" if stream else "false"
+        row = _Row()
+        row.count = self._counting(self.requests.labels(team, model, str(int(status)),
+                                                        cache if cache in CACHE_STATES else "none", flag))
+        timing = self._timing.get((team, model, stream))
+        if timing is None:
+            timing = self._timing[(team, model, stream)] = (
+                self._observing(self.request_duration.labels(team, model, flag)),
+                self._observing(self.ttfb.labels(team, model)))
+        row.duration, row.ttfb = timing
+        row.spend_key, row.spend = (team, model), self._spend.get((team, model))
+        self._rows[key] = row
+        return row
 
-    def _new_spend(self, key: tuple) -> _Spend:
-        team, model = key
-        s = _Spend()
-        s.tokens = tuple((t, self.tokens.labels(team, model, t)) for t in TOKEN_TYPES)
-        s.cost = self.cost.labels(team, model)
-        s.images_in = self.images.labels(team, model, "in")
-        s.images_out = self.images.labels(team, model, "out")
-        self._spend[key] = s
+    def _new_spend(self, row: _Row) -> _Spend:
+        key = row.spend_key
+        s = self._spend.get(key)
+        if s is None:
+            team, model = key
+            s = self._spend[key] = _Spend()
+            s.tokens = tuple(self._counting(self.tokens.labels(team, model, t)) for t in TOKEN_TYPES)
+            s.cost = self._counting(self.cost.labels(team, model))
+            s.images_in = self._counting(self.images.labels(team, model, "in"))
+            s.images_out = self._counting(self.images.labels(team, model, "out"))
+        row.spend = s
         return s
 
-    def _new_request_child(self, key: tuple) -> Counter:
-        team, model, status, cache, stream = key
-        child = self.requests.labels(team, model, str(int(status)), cache if cache in CACHE_STATES else "none",
-                                     "true" if stream else "false")
-        self._requests[key] = child
+    def _counting(self, child: Counter | Gauge) -> Callable[[float], None]:
+        """What the request path calls to add to ``child`` (see "the hot path's view of a child")."""
+        if self.multiprocess:
+            return _adder(child)
+        tally = self._tally_of.get(id(child))  # children live as long as their metric: ids stay theirs
+        if tally is None:
+            tally = self._tally_of[id(child)] = _Tally(child)
+        return tally.add
+
+    def _observing(self, child: Histogram) -> Callable[[float], None]:
+        """What the request path calls to observe into ``child``."""
+        tally = None if self.multiprocess else self._tally_of.get(id(child))
+        if tally is None:
+            parts = None if self.multiprocess else _histogram_parts(child)
+            if parts is None:
+                return _observer(child)
+            tally = self._tally_of[id(child)] = _HistogramTally(parts)
+        return tally.observe
+
+    def _publish(self) -> None:
+        with self._publish_lock:
+            for tally in list(self._tally_of.values()):
+                tally.publish()
+
+    def _child(self, metric: Counter | Gauge, *labels: str) -> Counter | Gauge:
+        """``metric.labels(*labels)``, made once; the label values come from fixed sets."""
+        key = (metric, *labels)
+        child = self._labelled.get(key)
+        if child is None:
+            child = self._labelled[key] = metric.labels(*labels)
         return child

@@ -148,18 +148,32 @@ async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: d
     served.usage, served.cached = saved, True
     request.app[METRICS].cache_saved(rec.team, saved.total)
     headers = {**headers, "x-cache": "HIT", "age": str(int(age_s))}
+    # Written in pieces: the base64 never exists whole, and a big entry is read from the store
+    # range by range as it goes out, so neither does the entry.
+    length, pieces = cache_mod.hit_body(
+        entry, stream=chat.stream, request_id=rec.request_id,
+        include_usage=chat.stream and bool((chat.body.get("stream_options") or {}).get("include_usage")))
     if chat.stream:
-        include_usage = bool((chat.body.get("stream_options") or {}).get("include_usage"))
         response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-        pieces = cache_mod.render_sse(entry, include_usage, request_id=rec.request_id)
     else:
-        # Written in slices, so the base64 text never exists whole beside the entry.
-        length, pieces = cache_mod.render_json_chunks(entry, rec.request_id)
         response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         response.content_length = length
-    await response.prepare(request)
-    for piece in pieces:
-        await write_counted(response, piece, rec)
+    try:
+        await response.prepare(request)
+        async for piece in pieces:
+            await write_counted(response, piece, rec)
+    except cache_mod.HitReadError as err:
+        # The answer has begun: end it so that the client sees it failed. A stream gets an
+        # error event (mid-event: a blank line first, as a failed relay does); a JSON body
+        # under Content-Length can only be cut off, with the connection closed after it.
+        rec.error_code = err.code
+        log.warning("cache hit cut short, the entry could not be read to its end: %s", err)
+        if chat.stream:
+            await write_counted(response, b"\n\n" + err.sse_event(), rec)
+        else:
+            response.force_close()
+    finally:
+        await pieces.aclose()  # a client that left: the read in flight is cancelled
     await response.write_eof()
     return response
 

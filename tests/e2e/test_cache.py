@@ -24,6 +24,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.store import StoreError
 from tests.fixtures.gateway import RunningGateway, wait_for
 from tests.images import open_image
 
@@ -243,6 +244,66 @@ async def test_stream_entry_answers_json(gw, http, simulator):
 
     again = await post(http, gw, body(seed=8, stream=True))  # and streamed again from it
     assert again.cache == "HIT" and again.images == stored.images
+    assert await calls(simulator) == 1
+
+
+async def test_a_big_entry_is_served_range_by_range_byte_identical(gw, http, simulator):
+    """An image bigger than one store read: the hit reads it in ranges as it writes the answer."""
+    payload = body(seed=61, sim_fault="image_mb=2")
+    first = await post(http, gw, payload)
+    assert first.status == 200 and first.cache == "MISS" and len(first.images[0]) >= 2 * 1024 * 1024
+
+    hit = await post(http, gw, payload)
+    assert hit.status == 200 and hit.cache == "HIT" and hit.images == first.images
+    assert hit.headers["Content-Length"] == str(len(hit.raw))
+    assert hit.usage == first.usage and hit.content == first.content
+    streamed = await post(http, gw, {**payload, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.cache == "HIT" and streamed.images == first.images and streamed.error is None
+    assert streamed.events[-1] == "[DONE]" and streamed.usage == first.usage
+    assert await calls(simulator) == 1
+
+
+class _RangeReadsFail:
+    """The test's store, except that reading an entry past its first bytes fails while
+    ``failing``: as if the store went away in the middle of a hit."""
+
+    def __init__(self, store) -> None:
+        self.store, self.failing = store, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    async def get_range(self, key, start, end):
+        if self.failing and start > 0:
+            raise StoreError("store get_range failed: ConnectionError")
+        return await self.store.get_range(key, start, end)
+
+
+async def test_a_hit_the_store_cannot_finish_ends_so_the_client_sees_it(start_gateway, store, http, simulator):
+    flaky = _RangeReadsFail(store)
+    gw = await start_gateway(store_obj=flaky)
+    payload = body(seed=62, sim_fault="image_mb=2")
+    assert (await post(http, gw, payload)).cache == "MISS"
+    flaky.failing = True
+
+    # JSON: the headers (and Content-Length) are out, so the body is cut short and the
+    # connection closed; the client sees an incomplete payload, never a wrong one
+    async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers()) as resp:
+        assert resp.status == 200 and resp.headers["x-cache"] == "HIT"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    # SSE: the stream ends with an error event and no [DONE]
+    async with http.post(gw.url + "/v1/chat/completions", json={**payload, "stream": True},
+                         headers=gw.headers()) as resp:
+        assert resp.status == 200 and resp.headers["x-cache"] == "HIT"
+        raw = await resp.read()
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: ") and orjson.loads(last[6:])["error"]["code"] == "store_unavailable"
+    assert b"[DONE]" not in raw
+
+    flaky.failing = False
+    again = await post(http, gw, payload)  # nothing stuck: the next hit is whole
+    assert again.status == 200 and again.cache == "HIT" and len(again.images[0]) >= 2 * 1024 * 1024
     assert await calls(simulator) == 1
 
 

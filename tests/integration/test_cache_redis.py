@@ -56,6 +56,24 @@ async def test_a_hit_after_a_gateway_restart(spawn, http, simulator):
 
 
 @BOTH
+async def test_a_big_entry_is_read_in_ranges_by_a_new_process(spawn, http, simulator):
+    """Over one store read (2 MB): the hit streams the entry from Redis range by range."""
+    payload = body(seed=107, sim_fault="image_mb=2")
+    first_gw = spawn()
+    first = await post(http, first_gw, payload)
+    assert first.status == 200 and first.cache == "MISS" and len(first.images[0]) >= 2 * 1024 * 1024
+    stop_gateway(first_gw)
+
+    second_gw = spawn()
+    hit = await post(http, second_gw, payload)
+    assert hit.status == 200 and hit.cache == "HIT" and hit.images == first.images
+    assert hit.headers["Content-Length"] == str(len(hit.raw))
+    streamed = await post(http, second_gw, {**payload, "stream": True})
+    assert streamed.cache == "HIT" and streamed.images == first.images and streamed.events[-1] == "[DONE]"
+    assert await calls(simulator) == 1
+
+
+@BOTH
 async def test_an_entry_is_raw_bytes_with_the_teams_ttl(spawn, http, simulator, store_url, request):
     gw = spawn(cache={"ttl_s": 600})
     answer = await post(http, gw, body(seed=102, sim_fault="image_mb=1"))

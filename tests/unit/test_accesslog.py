@@ -1,14 +1,19 @@
 """gateway.accesslog: one line per request, JSON or key=value, and never a secret."""
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import orjson
 import pytest
 
-from gateway.accesslog import ACCESS_LOGGER, configure_logging, write_access_log
+from gateway.accesslog import ACCESS_LOGGER, FLUSH_INTERVAL_S, FLUSH_LINES, configure_logging, write_access_log
 from gateway.config import LoggingConfig
 from gateway.record import RequestRecord
 from gateway.usage import Usage
@@ -118,3 +123,141 @@ def test_no_key_prompt_or_base64_can_reach_a_line():
     logged = out.getvalue()
     assert key not in logged and b64[:40] not in logged and "Bearer" not in logged
     assert not re.search(r"[A-Za-z0-9+/]{100,}", logged)
+
+
+# -- the short way: this module's handler alone on the access logger (a served gateway) ----------
+
+
+def alone() -> None:
+    """Only the handler configure_logging installed stays on the access logger (the fixture
+    restores the others, such as the session's log scan)."""
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = [h for h in access.handlers if getattr(h, "_gateway_handler", False)]
+
+
+class Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def configured_alone(stream=None, **kwargs):
+    out = stream if stream is not None else io.StringIO()
+    configure_logging(LoggingConfig(**kwargs), stream=out)
+    alone()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_short_way_writes_the_same_line_as_a_record(fmt, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1767225600.25)  # 2026-01-01T00:00:00.250Z, records too
+    rec = a_request(request_id='odd "id"=1', path="/v1/chat/completions?x=1")
+    by_record = configured(format=fmt)
+    logging.getLogger(ACCESS_LOGGER).addHandler(logging.NullHandler())  # another listener: a LogRecord is made
+    write_access_log(rec)
+    short = configured_alone(format=fmt)
+    write_access_log(rec)  # no event loop: written at once
+    assert short.getvalue() == by_record.getvalue()
+    assert short.getvalue().startswith("time=2026-01-01T00:00:00.250Z " if fmt == "text"
+                                       else '{"time":"2026-01-01T00:00:00.250Z",')
+
+
+def test_the_short_way_makes_no_log_record(monkeypatch):
+    out = configured_alone()
+    monkeypatch.setattr(logging.Logger, "makeRecord", lambda *a, **k: pytest.fail("a LogRecord was made"))
+    write_access_log(a_request())
+    assert list(orjson.loads(out.getvalue())) == FIELDS
+
+
+def test_the_short_way_keeps_the_level():
+    out = configured_alone(level="warning")
+    write_access_log(a_request())
+    assert out.getvalue() == ""
+
+
+def test_any_other_handler_still_gets_a_record():
+    out = configured_alone()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger(ACCESS_LOGGER).addHandler(handler)
+    write_access_log(a_request())
+    assert len(seen) == 1 and seen[0].access["team"] == "design"
+    assert orjson.loads(out.getvalue())["team"] == "design"
+
+
+async def test_on_an_event_loop_lines_are_written_together_within_the_interval():
+    out = configured_alone(Writes())
+    for i in range(50):
+        write_access_log(a_request(request_id=f"r{i}"))
+        await asyncio.sleep(0)  # other ticks pass: the lines wait
+    assert out.getvalue() == "" and out.writes == 0
+    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+    ids = [orjson.loads(line)["request_id"] for line in out.getvalue().splitlines()]
+    assert ids == [f"r{i}" for i in range(50)] and out.writes == 1
+    write_access_log(a_request(request_id="later"))  # a new timer after the last one fired
+    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+    assert out.getvalue().splitlines()[-1].startswith('{"time"') and out.writes == 2
+
+
+async def test_a_queued_line_shows_the_request_as_it_was_logged():
+    out = configured_alone()
+    rec = a_request()
+    write_access_log(rec)
+    rec.status, rec.bytes_out = 500, 0  # the record is the request's; the queue holds a copy
+    logging.getLogger(ACCESS_LOGGER).handlers[0].flush()
+    line = orjson.loads(out.getvalue())
+    assert (line["status"], line["bytes_out"]) == (200, 2_500_000)
+
+
+async def test_a_full_queue_is_written_at_once():
+    out = configured_alone(Writes())
+    for _ in range(FLUSH_LINES - 1):
+        write_access_log(a_request())
+    assert out.writes == 0
+    write_access_log(a_request())
+    assert out.writes == 1 and out.getvalue().count("\n") == FLUSH_LINES
+
+
+async def test_other_log_lines_keep_their_place_after_queued_access_lines():
+    out = configured_alone()
+    write_access_log(a_request(request_id="first"))
+    logging.getLogger("gateway.upstream").warning("then this")
+    write_access_log(a_request(request_id="last"))
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("request_id") or line["message"] for line in lines] == ["first", "then this"]
+    logging.getLogger(ACCESS_LOGGER).handlers[0].flush()
+    assert orjson.loads(out.getvalue().splitlines()[-1])["request_id"] == "last"
+
+
+async def test_reconfiguring_writes_what_was_queued():
+    before = configured_alone()
+    write_access_log(a_request())
+    configured_alone()
+    assert len(before.getvalue().splitlines()) == 1
+
+
+def test_lines_queued_when_the_process_exits_are_written():
+    """A served gateway's clean exit: the loop is gone with its timer, logging.shutdown flushes."""
+    code = (
+        "import asyncio\n"
+        "from gateway.accesslog import configure_logging, write_access_log\n"
+        "from gateway.config import LoggingConfig\n"
+        "from gateway.record import RequestRecord\n"
+        "configure_logging(LoggingConfig(level='info'))\n"
+        "async def main():\n"
+        "    for i in range(1000):\n"
+        "        write_access_log(RequestRecord(f'r{i}', 'POST', '/v1/chat/completions'))\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    ids = [orjson.loads(line)["request_id"] for line in done.stderr.splitlines()]
+    assert ids == [f"r{i}" for i in range(1000)]

@@ -1,17 +1,19 @@
-"""gateway.cache: the policy, the key, get/put, and single-flight on one and on two replicas."""
+"""gateway.cache: the policy, the key, get/put, single-flight on one and on two replicas, and
+big entries read from the store range by range while a hit is written."""
 from __future__ import annotations
 
 import asyncio
 import os
 import re
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
 
 from gateway import store as store_module
-from gateway.cache import Cache, CacheDecision, decide
-from gateway.cache_entry import CachedImage, CacheEntry
+from gateway.cache import CHECK_BYTES, FIRST_READ_BYTES, GRACE_S, READ_BYTES, Cache, CacheDecision, HitReadError, StoredEntry, decide, hit_body
+from gateway.cache_entry import CachedImage, CacheEntry, render_json, render_sse
 from gateway.config import CacheConfig, ModelConfig, Team
 from gateway.store import StoreError
 from gateway.validate import ChatRequest, ImageFact
@@ -147,7 +149,8 @@ def test_scope_team_separates_teams_and_global_shares():
 
 
 class FakeStore:
-    """Store protocol over a dict; TTLs on the monotonic clock; only the cache_unlock script."""
+    """Store protocol over a dict; TTLs on the monotonic clock; the cache's two scripts
+    (``cache_unlock``, ``cache_read``) as Python, to the letter of their Lua."""
 
     def __init__(self) -> None:
         self.data: dict[str, tuple[bytes, float]] = {}
@@ -171,10 +174,21 @@ class FakeStore:
     async def delete(self, key: str) -> None:
         self.data.pop(key, None)
 
-    async def run_script(self, name, keys, args):
-        assert name == "cache_unlock"
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
         await asyncio.sleep(0)
-        if self._live(keys[0]) == str(args[0]).encode():
+        return (self._live(key) or b"")[start : end + 1]
+
+    async def run_script(self, name, keys, args):
+        await asyncio.sleep(0)
+        value = self._live(keys[0])
+        if name == "cache_read":
+            start, last, check = int(args[0]), int(args[1]), bytes(args[2])
+            if not value or not value.startswith(check):
+                return None
+            ttl_ms = int((self.data[keys[0]][1] - time.monotonic()) * 1000)
+            return [value[start:last + 1], len(value), ttl_ms]
+        assert name == "cache_unlock"
+        if value == str(args[0]).encode():
             del self.data[keys[0]]
             return 1
         return 0
@@ -422,3 +436,177 @@ async def test_no_cache_requests_lead_at_once_and_their_result_is_stored(store):
     assert (await cache.get(cacheable()))[0].images[0].data == IMAGE
     upstream.gate.set()
     await run_all(pending)
+
+
+# ---- big entries: read in ranges while the hit is written ---------------------------------
+
+BIG = os.urandom(2 * READ_BYTES + 12_345)  # past the first read: two more reads, a short last one
+BIG_ENTRY = CacheEntry(model=MODEL_ID, content="here", reasoning_content="hmm", usage={"total_tokens": 9}, created=1,
+                       images=(CachedImage("image/jpeg", BIG), CachedImage("image/png", IMAGE[:1001])))
+
+
+class Reads:
+    """Wraps a store: counts the entry reads (the lookup's script, then GETRANGEs of data; the
+    64-byte id checks apart), the most in flight at once, and can fail one."""
+
+    def __init__(self, store) -> None:
+        self.store, self.sizes, self.checks, self.inflight, self.most = store, [], 0, 0, 0
+        self.fail_at: int | None = None  # the index of the read that raises StoreError
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def _counted(self, size: int, read):
+        self.sizes.append(size)
+        if self.fail_at == len(self.sizes) - 1:
+            raise StoreError("store down")
+        self.inflight += 1
+        self.most = max(self.most, self.inflight)
+        try:
+            return await read()
+        finally:
+            self.inflight -= 1
+
+    async def run_script(self, name, keys, args):
+        if name != "cache_read":
+            return await self.store.run_script(name, keys, args)
+        return await self._counted(int(args[1]) - int(args[0]) + 1, lambda: self.store.run_script(name, keys, args))
+
+    async def get_range(self, key, start, end):
+        if start == 0 and end == CHECK_BYTES - 1:
+            self.checks += 1
+            return await self.store.get_range(key, start, end)
+        return await self._counted(end - start + 1, lambda: self.store.get_range(key, start, end))
+
+
+async def body_of(entry, stream: bool = False, include_usage: bool = False) -> tuple[int | None, list[bytes]]:
+    size, pieces = hit_body(entry, stream=stream, include_usage=include_usage, request_id="req-1")
+    return size, [piece async for piece in pieces]
+
+
+async def test_a_big_entry_is_read_in_ranges_and_answers_byte_identical(store):
+    cache, decision = Cache(store), cacheable()
+    assert await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    assert isinstance(hit, StoredEntry)  # only its header and first bytes are in memory
+    assert (hit.content, hit.usage, len(hit.images)) == ("here", {"total_tokens": 9}, 2)
+    whole = await hit.load()
+    assert [bytes(i.data) for i in whole.images] == [BIG, IMAGE[:1001]]
+
+    size, pieces = await body_of(hit)
+    assert b"".join(pieces) == render_json(whole, "req-1") and size == sum(map(len, pieces))
+    assert max(map(len, pieces)) <= READ_BYTES // 3 * 4  # one range's base64 at a time
+    for include_usage in (False, True):
+        size, pieces = await body_of(hit, stream=True, include_usage=include_usage)
+        assert size is None
+        assert b"".join(pieces) == b"".join(render_sse(whole, include_usage, request_id="req-1"))
+
+
+async def test_a_big_hit_reads_one_range_ahead_never_the_whole_entry(store):
+    reads = Reads(store)
+    cache, decision = Cache(reads), cacheable()
+    await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    await body_of(hit)
+    assert reads.sizes[0] == FIRST_READ_BYTES and max(reads.sizes[1:]) <= READ_BYTES  # the lookup, then ranges
+    overlap = sum(reads.sizes) - len(BIG_ENTRY.encode())
+    assert 0 <= overlap < CHECK_BYTES  # each byte read once, but for a few re-read at range edges
+    assert reads.most == 1 and reads.checks == len(reads.sizes) - 1  # one range ahead, each checked
+
+
+async def test_an_entry_of_one_range_is_whole_at_lookup(store):
+    reads = Reads(store)
+    cache = Cache(reads)
+    await cache.put(cacheable(), ENTRY)
+    hit, _ = await cache.get(cacheable())
+    assert isinstance(hit, CacheEntry) and bytes(hit.images[0].data) == IMAGE
+    assert reads.sizes[0] == FIRST_READ_BYTES and len(reads.sizes) == 2  # the lookup, then the rest
+
+
+async def test_an_entry_replaced_mid_hit_ends_the_hit_instead_of_splicing_it(store):
+    cache, decision = Cache(store), cacheable()
+    await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    expected = bytes(render_json(await hit.load(), "req-1"))
+    _, pieces = hit_body(hit, stream=False, request_id="req-1")
+    got = [await anext(pieces), await anext(pieces)]  # the start, and the first read's image bytes
+    other = CachedImage("image/jpeg", os.urandom(len(BIG)))  # same sizes: only the id tells them apart
+    assert await cache.put(decision, replace(BIG_ENTRY, images=(other, BIG_ENTRY.images[1])))
+    with pytest.raises(HitReadError):
+        async for piece in pieces:
+            got.append(piece)
+    assert expected.startswith(b"".join(got))  # what went out is the old entry's, never mixed
+
+
+async def test_an_entry_gone_mid_hit_ends_the_hit(store):
+    cache, decision = Cache(store), cacheable()
+    await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    _, pieces = hit_body(hit, stream=True, request_id="req-1")
+    await anext(pieces)
+    await store.delete(decision.key + ":entry")  # expired, or evicted
+    with pytest.raises(HitReadError):
+        async for _ in pieces:
+            pass
+
+
+async def test_a_store_error_mid_hit_ends_the_hit(store):
+    reads = Reads(store)
+    cache, decision = Cache(reads), cacheable()
+    await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    reads.fail_at = 2  # the second range
+    with pytest.raises(HitReadError) as e:
+        await body_of(hit)
+    assert e.value.code == "store_unavailable" and "store down" in str(e.value)
+
+
+async def test_a_client_leaving_mid_hit_cancels_the_read_ahead(store):
+    cache, decision = Cache(store), cacheable()
+    await cache.put(decision, BIG_ENTRY)
+    hit, _ = await cache.get(decision)
+    _, pieces = hit_body(hit, stream=False, request_id="req-1")
+    await anext(pieces)  # a read is in flight now
+    await pieces.aclose()
+    await asyncio.sleep(0.01)
+    assert not [t for t in asyncio.all_tasks() if "_read_range" in repr(t.get_coro())]
+
+
+async def test_an_entry_near_its_expiry_is_read_whole_at_lookup(store):
+    cache, decision = Cache(store), cacheable()
+    await cache.put(decision, BIG_ENTRY, GRACE_S / 2, 64 * 1024 * 1024)
+    hit, _ = await cache.get(decision)
+    assert isinstance(hit, CacheEntry)  # in memory: expiring now cannot cut its answer short
+    await store.delete(decision.key + ":entry")
+    _, pieces = await body_of(hit)
+    assert b"".join(pieces) == render_json(hit, "req-1")
+
+
+async def test_a_header_longer_than_one_read(store):
+    cache, decision = Cache(store), cacheable()
+    long_text = replace(BIG_ENTRY, content="x" * (READ_BYTES + 999))
+    await cache.put(decision, long_text)
+    hit, _ = await cache.get(decision)
+    assert hit.content == long_text.content
+    _, pieces = await body_of(hit)
+    doc = orjson.loads(b"".join(pieces))
+    assert doc["choices"][0]["message"]["content"] == long_text.content
+
+
+async def test_a_big_entry_shorter_than_its_header_says_is_a_miss(store):
+    cache, decision = Cache(store), cacheable()
+    await store.set(decision.key + ":entry", BIG_ENTRY.encode()[:-1], ttl_s=60)
+    assert await cache.get(decision) is None
+
+
+async def test_waiters_on_two_replicas_share_a_big_entry(store):
+    replicas, upstream = [Cache(store), Cache(store)], Upstream(result=BIG_ENTRY)
+    upstream.gate.clear()
+    requests = [asyncio.create_task(handle(replicas[i % 2], upstream)) for i in range(6)]
+    await asyncio.sleep(0.2)
+    upstream.gate.set()
+    results = await run_all(*requests)
+    assert upstream.calls == 1
+    bodies = {bytes(b"".join((await body_of(entry))[1])) for _, entry in results}
+    assert len(bodies) == 1  # the leader's entry in memory, the others' from the store: same answer
+    assert any(isinstance(entry, StoredEntry) for _, entry in results)

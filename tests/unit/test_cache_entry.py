@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import itertools
 import os
 
 import orjson
 import pytest
 
+from gateway import cache_entry as cache_entry_module
 from gateway.cache_entry import (
     SLICE_BYTES,
     CacheEntry,
     CachedImage,
     EntryFormatError,
     SSECollector,
+    StoredImage,
     entry_from_json,
     render_json,
     render_json_chunks,
@@ -97,6 +101,28 @@ def test_encode_decode_round_trip_keeps_images_byte_identical():
         MODEL, "a cat", "hmm", USAGE, 7, 3.25)
 
 
+def test_read_head_locates_the_images_from_the_header_alone():
+    original = entry(BIG, SMALL, content="a cat")
+    data = original.encode()
+    head_end = CacheEntry.head_size(data[:8])
+    head, size = CacheEntry.read_head(data[:head_end])  # no image byte needed
+    assert size == len(data)
+    assert head.images == (StoredImage("image/jpeg", len(BIG), head_end),
+                           StoredImage("image/jpeg", len(SMALL), head_end + len(BIG)))
+    assert (head.content, head.usage, head.stored_at) == ("a cat", USAGE, 12.5)
+    with pytest.raises(EntryFormatError):
+        CacheEntry.read_head(data[:head_end - 1])
+    with pytest.raises(EntryFormatError):
+        CacheEntry.head_size(b"GWC")
+
+
+def test_every_put_starts_with_its_own_id():
+    """A reader checks an entry's first bytes to know it is still the one it started on."""
+    one, two = entry(SMALL).encode(), entry(SMALL).encode()
+    assert len(one) == len(two) == entry(SMALL).encoded_size()
+    assert one[:32] != two[:32] and one[32:] == two[32:]  # the id, right after the prefix
+
+
 @pytest.mark.parametrize("data", [b"", b"junk", b"GWC1\x00\x00\x00\x05{}", entry(SMALL).encode()[:-1],
                                   entry(SMALL).encode() + b"x"])
 def test_decode_refuses_what_it_did_not_write(data):
@@ -112,6 +138,21 @@ def test_entry_from_json_keeps_raw_image_bytes_whatever_the_base64_wrapping():
     assert e is not None
     assert [bytes(i.data) for i in e.images] == [SMALL, BIG]
     assert (e.model, e.content, e.usage, e.created) == (MODEL, "here", USAGE, 1779778659)
+
+
+def test_provider_base64_is_decoded_as_binascii_decodes_it_leniently():
+    """pybase64 takes the usual canonical text; the rest goes to binascii's lenient mode, so
+    an odd upstream image is kept as the same bytes as before (or refused the same way)."""
+    def outcome(decode, text):
+        try:
+            return decode(text)
+        except ValueError:
+            return "refused"
+
+    lenient = lambda t: binascii.a2b_base64(t, strict_mode=False)  # noqa: E731
+    alphabet = ["A", "Q", "/", "=", "\n", " ", "-", "é"]
+    for text in ("".join(p) for n in range(6) for p in itertools.product(alphabet, repeat=n)):
+        assert outcome(cache_entry_module._b64decode_lenient, text) == outcome(lenient, text), text
 
 
 def test_entry_from_json_text_only_answer_is_an_entry():

@@ -201,3 +201,87 @@ def test_instances_and_given_registries_are_separate():
     assert a.registry is registry
     assert value(a, "gateway_requests_total") == 1
     assert samples(b, "gateway_requests_total") == {}
+
+
+# -- the request path's cached children, against the client's own methods ------------------------
+
+
+def test_the_request_path_counts_like_the_clients_own_methods():
+    """Same records into the gateway's metrics and, by hand, into twin metrics through the
+    client's public inc/observe: every sample equal, bucket bounds themselves included."""
+    from prometheus_client import Counter, Histogram
+    from gateway.metrics import DURATION_BUCKETS, OVERHEAD_BUCKETS
+
+    values = [0.0, 0.00005, 0.000051, 0.0001, 0.01, 0.0100001, 1, 2.5, 20.0, 299.9, 300, 300.5, 1e9]
+    m = Metrics(model_ids=[MODEL])
+    twin = CollectorRegistry()
+    requests = Counter("gateway_requests", "", ("team", "model", "status", "cache", "stream"), registry=twin)
+    duration = Histogram("gateway_request_duration_seconds", "", ("team", "model", "stream"),
+                         buckets=DURATION_BUCKETS, registry=twin)
+    ttfb = Histogram("gateway_time_to_first_byte_seconds", "", ("team", "model"), buckets=DURATION_BUCKETS,
+                     registry=twin)
+    overhead = Histogram("gateway_overhead_seconds", "", (), buckets=OVERHEAD_BUCKETS, registry=twin)
+    tokens = Counter("gateway_tokens", "", ("team", "model", "type"), registry=twin)
+    for i, v in enumerate(values):
+        for status, cache, stream in ((200, "miss", False), (200, "hit", True), (429, "none", False)):
+            usage = Usage(prompt=i, completion=2 * i, reasoning=i % 2) if status == 200 else None
+            m.observe_request(record(status=status, cache=cache, stream=stream, usage=usage, duration=v, upstream=0,
+                                     ttfb=v / 2))
+            flag = "true" if stream else "false"
+            requests.labels("design", MODEL, str(status), cache, flag).inc()
+            duration.labels("design", MODEL, flag).observe(v)
+            ttfb.labels("design", MODEL).observe(v / 2)
+            overhead.observe(v)
+            if usage is not None and cache != "hit":
+                for kind in ("prompt", "completion", "reasoning"):
+                    if getattr(usage, kind):
+                        tokens.labels("design", MODEL, kind).inc(getattr(usage, kind))
+    ours = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families(m).values() for s in f.samples}
+    for f in twin.collect():
+        for s in f.samples:
+            if not s.name.endswith("_created"):
+                assert ours[(s.name, tuple(sorted(s.labels.items())))] == s.value, s
+
+
+def test_children_without_the_expected_internals_fall_back_to_their_public_methods():
+    from gateway.metrics import _adder, _observer
+
+    class Child:
+        def __init__(self):
+            self.seen = []
+
+        def inc(self, amount=1):
+            self.seen.append(("inc", amount))
+
+        def observe(self, amount):
+            self.seen.append(("observe", amount))
+
+    child = Child()
+    _adder(child)(2)
+    _observer(child)(0.5)
+    assert child.seen == [("inc", 2), ("observe", 0.5)]
+
+
+def test_every_collect_sees_every_request_so_far():
+    """The request path adds to tallies; any collect of the registry (the scrape, or another
+    reader of the same registry) hands them over first, and only what is new since."""
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    m = Metrics(registry=registry, model_ids=[MODEL])
+    for n in range(1, 4):
+        with m.inflight("design"):
+            m.observe_request(record(usage=Usage(prompt=2, cost_usd=0.25), duration=0.3, ttfb=0.1))
+            m.upstream_done(MODEL, 200, 0.2)
+            assert value(m, "gateway_inflight_requests", team="design") == 1
+        text = generate_latest(registry).decode()  # not through exposition()
+        assert [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "gateway_requests_total"] == [n]
+        assert value(m, "gateway_tokens_total", type="prompt") == 2 * n
+        assert value(m, "gateway_cost_usd_total") == 0.25 * n
+        assert value(m, "gateway_request_duration_seconds_bucket", le="0.5") == n
+        assert value(m, "gateway_request_duration_seconds_bucket", le="0.25") == 0
+        assert value(m, "gateway_upstream_duration_seconds_count") == n
+        assert value(m, "gateway_time_to_first_byte_seconds_sum") == pytest.approx(0.1 * n)
+        assert value(m, "gateway_overhead_seconds_count") == n
+        assert value(m, "gateway_inflight_requests", team="design") == 0

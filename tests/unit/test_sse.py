@@ -1,13 +1,16 @@
 """EventScanner: boundaries found on raw chunks of any size, big events skimmed, not copied."""
 from __future__ import annotations
 
-import os
 import base64
+import json
+import os
+import random
 
 import orjson
 import pytest
 
-from gateway.sse import EventScanner, event_data
+from gateway.sse import (IMAGE_MARKER, SCAN_STEPS, SEPARATORS, EventScanner, _find_separator, count_images,
+                         event_data)
 
 IMAGE = base64.b64encode(os.urandom(3_000_000)).decode()
 
@@ -81,3 +84,94 @@ def test_an_error_event_is_recorded():
 def test_multiline_data_is_joined():
     assert bytes(event_data(b'event: x\ndata: {"a":\ndata: 1}')) == b'{"a":\n1}'
     assert event_data(b": comment only") is None
+
+
+# -- the scanner's searches, against plain ones ---------------------------------------------------
+
+
+def plain_separator(buf: bytes, start: int) -> tuple[int, int]:
+    found = [(i, len(sep)) for sep in SEPARATORS if (i := buf.find(sep, start)) != -1]
+    return min(found) if found else (-1, 0)
+
+
+def test_separators_are_found_where_plain_searches_find_them():
+    rng = random.Random(5)
+    pieces = [b"a", b"\n", b"\r", b"\r\n", b"\n\n", b"\r\n\r\n", b"xyz"]
+    for _ in range(20_000):
+        buf = b"".join(rng.choices(pieces, weights=[6, 4, 2, 2, 1, 1, 3], k=rng.randrange(0, 40)))
+        start = rng.randrange(0, len(buf) + 1)
+        assert _find_separator(buf, start) == plain_separator(buf, start), (buf, start)
+        assert _find_separator(bytearray(buf), start) == plain_separator(buf, start)
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+@pytest.mark.parametrize("lone", [0, SCAN_STEPS - 1, SCAN_STEPS, SCAN_STEPS + 1, 200])
+def test_a_separator_after_many_lone_newlines(sep, lone):
+    buf = b"data: x\r\n" * (lone // 2) + b"data: y\n" * (lone - lone // 2) + b"data: z" + sep + b"data: w"
+    assert _find_separator(buf, 0) == plain_separator(buf, 0)
+    assert _find_separator(buf[: -len(sep) - 7] + b"data: w", 0) == (-1, 0)
+
+
+def test_images_are_counted_like_a_plain_count_of_the_marker():
+    rng = random.Random(7)
+    pieces = [IMAGE_MARKER, b'"', b"x", b'"image_url"', b":", b' "type":"image_url",', b"AAAA"]
+    for _ in range(20_000):
+        buf = b"".join(rng.choices(pieces, k=rng.randrange(0, 50)))
+        start = rng.randrange(0, len(buf) + 1)
+        end = rng.randrange(start, len(buf) + 1)
+        assert count_images(buf, start, end) == buf.count(IMAGE_MARKER, start, end), (buf, start, end)
+    assert count_images(b'"x"' * 100 + IMAGE_MARKER * 3) == 3  # past SCAN_STEPS quotes
+
+
+def test_the_marker_is_once_per_image_in_either_shape_and_any_spacing():
+    provider = {"type": "image_url", "index": 0, "image_url": {"url": "data:image/jpeg;base64,/9j/"}}
+    openai = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO", "detail": "auto"}}
+    compact = orjson.dumps({"images": [provider, openai, provider]})
+    spaced = json.dumps({"images": [provider, openai, provider]}).encode()  # ": " after every colon
+    text = orjson.dumps({"content": 'say "image_url": twice, "image_url":'})  # escaped quotes: no image
+    assert count_images(compact) == count_images(spaced) == 3
+    assert count_images(text) == 0
+
+
+def skimmed_stream(sep: bytes, spaced: bool) -> tuple[bytes, int]:
+    images = [image_part("A" * n) for n in (300, 1, 90)]
+    body = {"choices": [{"delta": {"images": images}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    data = json.dumps(body).encode() if spaced else orjson.dumps(body)
+    multiline = sep.join([b": keep-alive", b"data: " + data, b"data: [DONE]"]) + sep
+    return multiline, len(images)
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+@pytest.mark.parametrize("spaced", [False, True])
+def test_a_skimmed_event_split_at_every_byte(sep, spaced):
+    """Two chunks, cut at every position: separators and markers straddling the cut included."""
+    stream, images = skimmed_stream(sep, spaced)
+    for cut in range(1, len(stream)):
+        s = EventScanner(large=64)  # the image event is skimmed after its first 64 bytes
+        for part in (stream[:cut], stream[cut:]):
+            for event in s.feed(part):
+                s.handle(event_data(event))
+        assert (s.images_out, s.done, s.finish_reason, s.mid_event) == (images, True, "stop", False), cut
+        assert s.usage == {"prompt_tokens": 7, "completion_tokens": 3}, cut
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 11, 23, 24, 25])
+def test_a_skimmed_event_in_small_chunks(size):
+    stream, images = skimmed_stream(b"\r\n\r\n", True)
+    s = scan(stream, size, large=64)
+    assert (s.images_out, s.done, s.finish_reason) == (images, True, "stop")
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_multiline_events_with_more_lone_newlines_than_scan_steps(size):
+    event = b"\n".join([b"data: {"] + [b'data: "k%d": %d,' % (i, i) for i in range(3 * SCAN_STEPS)]
+                       + [b'data: "choices": [{"delta": {}, "finish_reason": "length"}]}'])
+    comments = b"\n".join(b": comment %d" % i for i in range(3 * SCAN_STEPS))
+    stream = comments + b"\n\n" + event + b"\n\ndata: [DONE]\n\n"
+    s = EventScanner()
+    events = [bytes(e) for i in range(0, len(stream), size) for e in s.feed(stream[i : i + size])]
+    assert events == [comments, event, b"data: [DONE]"]
+    for e in events:
+        s.handle(event_data(e))
+    assert (s.finish_reason, s.done, s.events) == ("length", True, 1)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import io
+import itertools
 import os
 
 import orjson
@@ -429,3 +431,25 @@ def test_validate_async_raises_the_same_errors():
     with pytest.raises(InvalidRequest) as caught:
         asyncio.run(validate_async(large, CONFIG, LIMITS))
     assert (caught.value.code, caught.value.param) == ("invalid_image", "messages[0].content[3]")
+
+
+def _outcome(decode, text):
+    try:
+        return decode(text)
+    except ValueError:  # binascii.Error included
+        return "refused"
+
+
+def test_fast_base64_decoding_judges_exactly_as_binascii_strict_mode():
+    """pybase64 decodes, binascii judges what pybase64 refuses: every short string over an
+    alphabet of valid, padding, whitespace, URL-safe and non-ASCII characters gets the same
+    bytes or the same refusal as ``a2b_base64(strict_mode=True)``."""
+    strict = lambda t: binascii.a2b_base64(t, strict_mode=True)  # noqa: E731
+    alphabet = ["A", "Q", "/", "+", "=", "\n", " ", "-", "é"]
+    texts = ["".join(p) for n in range(6) for p in itertools.product(alphabet, repeat=n)]
+    texts += ["QUJD=", "QUJDRA==QQ==", "QQ==QUJD", "QUJD\r\nRA==", "\tQUJD", "QUJDRA=" + "=" * 3]
+    for text in texts:
+        expected = _outcome(strict, text)
+        assert _outcome(images_module._strict_b64decode, text) == expected, text
+        if text.isascii():
+            assert _outcome(images_module._strict_b64decode, memoryview(text.encode())) == expected, text
