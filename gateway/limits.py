@@ -5,7 +5,7 @@ arguments and turns their answers into headers, errors and metrics. Admission is
 for all of a team's limits (checked and consumed atomically, on Redis' own clock), settlement
 is one more. A team with no limits and no quota skips admission; its settle still writes the
 ledger. On one Redis node the store sends the scripts of requests that reach it in the same
-event-loop tick as one pipeline (gateway/store.py), which is what keeps this cheap on the hot
+event-loop tick as one pipeline (gateway/store_batch.py), which is what keeps this cheap on the hot
 path; per team, the keys and fixed script arguments are built once (``_Plan``).
 
 ``metrics`` (optional) needs: ``rejection(team, limit)``, ``store_error(op)`` and

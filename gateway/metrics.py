@@ -8,28 +8,27 @@ Tokens and cost count what the upstream charged: a cache hit adds none (its savi
 ``gateway_cache_saved_tokens_total`` through ``cache_saved``); images count both ways, hits
 included, since they crossed the gateway.
 
-Several workers (``gateway serve --workers N``) use prometheus_client's multiprocess mode: the
-parent calls ``prepare_multiprocess(dir)`` before forking, every worker builds its own
-``Metrics`` (it sees ``PROMETHEUS_MULTIPROC_DIR``) and any worker's ``exposition()`` is the sum
-over all workers, dead ones included, so counters never go backwards when a worker restarts.
-Use one ``Metrics`` per process in that mode: instances of one process share its files.
+Several workers share their metrics through prometheus_client's multiprocess mode (see
+``metrics_multiprocess``); use one ``Metrics`` per process in that mode: instances of one
+process share its files. The request path's fast counting lives in ``metrics_tally``.
 """
 from __future__ import annotations
 
 import os
-import threading
-from bisect import bisect_left
 from contextlib import nullcontext
 from operator import attrgetter
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import exposition as _exposition
 
+# prepare_multiprocess, mark_worker_dead and _observer are re-exported: callers import them from here.
+from .metrics_multiprocess import MULTIPROC_ENV, mark_worker_dead, prepare_multiprocess  # noqa: F401
+from .metrics_multiprocess import use_multiprocess_values
+from .metrics_tally import HotPath, adder as _adder, observer as _observer  # noqa: F401
 from .record import RequestRecord
 from .usage import TOKEN_TYPES
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = getattr(_exposition, "CONTENT_TYPE_PLAIN_0_0_4", _exposition.CONTENT_TYPE_LATEST)
 NO_TEAM = "none"  # label of requests that never authenticated
 OTHER_MODEL = "other"
@@ -44,35 +43,6 @@ UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "status_429", "bad_r
 QUOTAS = ("tokens_per_day", "usd_per_month")
 
 
-def prepare_multiprocess(directory: str) -> None:
-    """Parent only, once, before any worker starts and before any metric exists.
-
-    Empties ``directory`` of metric files (only ``*.db``: the path may be shared), exports it as
-    ``PROMETHEUS_MULTIPROC_DIR`` so forked and spawned workers inherit it, and switches
-    prometheus_client's value class, which it otherwise picks once, when first imported.
-    Never call it on a worker restart: the dead worker's files keep the counters monotonic.
-    """
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    for entry in os.scandir(directory):
-        if entry.name.endswith(".db") and entry.is_file():
-            os.remove(entry.path)
-    os.environ[MULTIPROC_ENV] = directory
-    _use_multiprocess_values(True)
-
-
-def mark_worker_dead(pid: int) -> None:
-    """Parent, when a worker exits: drop its share of the live gauges (in-flight requests)."""
-    directory = os.environ.get(MULTIPROC_ENV)
-    if directory:
-        multiprocess.mark_process_dead(pid, directory)
-
-
-def _use_multiprocess_values(on: bool) -> None:
-    if getattr(values.ValueClass, "_multiprocess", False) != on:
-        values.ValueClass = values.MultiProcessValue() if on else values.MutexValue
-
-
 def _noop(*_args: object, **_kwargs: object) -> None:
     return None
 
@@ -82,114 +52,6 @@ _NULL_CONTEXT = nullcontext()
 
 def _no_inflight(_team: object) -> nullcontext:
     return _NULL_CONTEXT
-
-
-# -- the hot path's view of a child ---------------------------------------------------------------
-# A labelled child's public inc/observe takes a lock and re-checks on every call what holds from
-# its creation on (labels complete, amount not negative), and walks the buckets in Python. The
-# request path moves ~15 of them per request, so it never calls them: it gets, per child, a
-# callable made once.
-#
-# In one process (the usual case) that callable adds to a plain tally (``_Tally``,
-# ``_HistogramTally``); a collector registered ahead of the metrics hands the tallies to their
-# children whenever the whole registry is collected, so every scrape is exact. The request path
-# runs on the event loop's thread; collecting may run on any (publishing only reads the tallies).
-# With several workers another process reads this one's files, so there the callable moves the
-# child's own value at once (``_adder``, ``_observer``).
-
-
-def _adder(child: Counter | Gauge) -> Callable[[float], None]:
-    """``child.inc`` for amounts the caller knows are valid (> 0 for a counter)."""
-    value = getattr(child, "_value", None)
-    return value.inc if callable(getattr(value, "inc", None)) else child.inc
-
-
-def _histogram_parts(child: Histogram) -> tuple[tuple, tuple, Callable] | None:
-    """(upper bounds, each bucket's inc, the sum's inc), or None if this client keeps them elsewhere."""
-    try:
-        bounds = tuple(child._upper_bounds)
-        buckets = tuple(b.inc for b in child._buckets)
-        add_sum = child._sum.inc
-    except AttributeError:
-        return None
-    if len(bounds) != len(buckets) or bounds[-1] != float("inf"):
-        return None
-    return bounds, buckets, add_sum
-
-
-def _observer(child: Histogram) -> Callable[[float], None]:
-    """``child.observe``: the sum, and the first bucket whose upper bound is >= the amount."""
-    parts = _histogram_parts(child)
-    if parts is None:
-        return child.observe
-    bounds, buckets, add_sum = parts
-
-    def observe(amount: float) -> None:
-        add_sum(amount)
-        buckets[bisect_left(bounds, amount)](1)
-
-    return observe
-
-
-class _Tally:
-    """What the request path added to one counter or gauge child, until ``publish``."""
-
-    __slots__ = ("total", "_published", "_inc")
-
-    def __init__(self, child: Counter | Gauge) -> None:
-        self.total = 0
-        self._published = 0
-        self._inc = _adder(child)
-
-    def add(self, amount: float) -> None:
-        self.total += amount
-
-    def publish(self) -> None:
-        total = self.total  # read once; what is added meanwhile goes with the next publish
-        if total != self._published:
-            self._inc(total - self._published)
-            self._published = total
-
-
-class _HistogramTally:
-    """What the request path observed for one histogram child, until ``publish``."""
-
-    __slots__ = ("_bounds", "counts", "sum", "_published_counts", "_published_sum", "_buckets", "_add_sum")
-
-    def __init__(self, parts: tuple[tuple, tuple, Callable]) -> None:
-        self._bounds, self._buckets, self._add_sum = parts
-        self.counts = [0] * len(self._bounds)
-        self._published_counts = [0] * len(self._bounds)
-        self.sum = self._published_sum = 0.0
-
-    def observe(self, amount: float) -> None:
-        self.sum += amount
-        self.counts[bisect_left(self._bounds, amount)] += 1
-
-    def publish(self) -> None:
-        for i, (n, published) in enumerate(zip(self.counts, self._published_counts)):
-            if n != published:
-                self._buckets[i](n - published)
-                self._published_counts[i] = n
-        total = self.sum
-        if total != self._published_sum:
-            self._add_sum(total - self._published_sum)
-            self._published_sum = total
-
-
-class _Publisher:
-    """A collector with no metric of its own, registered before the metrics: collecting the
-    registry first hands every tally to its child."""
-
-    def __init__(self, publish: Callable[[], None]) -> None:
-        self._publish = publish
-
-    def describe(self) -> list:
-        return []
-
-    def collect(self) -> list:
-        self._publish()
-        return []
 
 
 class _Inflight:
@@ -250,7 +112,9 @@ class Metrics:
                 setattr(self, name, _noop)
             self.inflight = _no_inflight
             return
-        _use_multiprocess_values(self.multiprocess)
+        use_multiprocess_values(self.multiprocess)
+        self._hot = HotPath(self.multiprocess)
+        self._counting, self._observing = self._hot.counting, self._hot.observing
         if self.multiprocess:
             # Metrics write to the shared files; the registry only reads them back, summed.
             own: CollectorRegistry | None = None
@@ -259,9 +123,7 @@ class Metrics:
         else:
             own = self.registry
             self._source = _WithoutCreated(self.registry)
-            self._tally_of: dict[int, _Tally | _HistogramTally] = {}  # by id() of their child
-            self._publish_lock = threading.Lock()
-            own.register(_Publisher(self._publish))  # ahead of the metrics
+            own.register(self._hot)  # ahead of the metrics: collecting publishes the tallies first
         def counter(name, doc, labels):
             return Counter(name, doc, labels, registry=own)
 
@@ -412,30 +274,6 @@ class Metrics:
             s.images_out = self._counting(self.images.labels(team, model, "out"))
         row.spend = s
         return s
-
-    def _counting(self, child: Counter | Gauge) -> Callable[[float], None]:
-        """What the request path calls to add to ``child`` (see "the hot path's view of a child")."""
-        if self.multiprocess:
-            return _adder(child)
-        tally = self._tally_of.get(id(child))  # children live as long as their metric: ids stay theirs
-        if tally is None:
-            tally = self._tally_of[id(child)] = _Tally(child)
-        return tally.add
-
-    def _observing(self, child: Histogram) -> Callable[[float], None]:
-        """What the request path calls to observe into ``child``."""
-        tally = None if self.multiprocess else self._tally_of.get(id(child))
-        if tally is None:
-            parts = None if self.multiprocess else _histogram_parts(child)
-            if parts is None:
-                return _observer(child)
-            tally = self._tally_of[id(child)] = _HistogramTally(parts)
-        return tally.observe
-
-    def _publish(self) -> None:
-        with self._publish_lock:
-            for tally in list(self._tally_of.values()):
-                tally.publish()
 
     def _child(self, metric: Counter | Gauge, *labels: str) -> Counter | Gauge:
         """``metric.labels(*labels)``, made once; the label values come from fixed sets."""

@@ -1,0 +1,138 @@
+"""Auto-pipelining of Lua scripts on one Redis node, for RedisStore.
+
+Every script submitted in one event-loop tick is queued and sent on the next tick as ONE
+non-transactional pipeline: one write, one pooled connection, one timeout. The scripts stay
+separate atomic units; only their round trips are shared, which is what keeps admission and
+settlement cheap on the hot path. Each caller still gets its own answer or its own error: a
+script error, a NOSCRIPT (reloaded per script) or an argument that cannot be encoded is that
+call's alone. The store keeps the boundary: it guards each batch (probe, connection slot,
+timeout) and turns every failure into the caller's StoreError; this module only queues, talks
+RESP and settles futures.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable, NamedTuple
+
+from redis.exceptions import DataError, NoScriptError, ResponseError
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py's own packer does the same, slower
+    _hiredis_pack = None
+
+# guard(op, send) runs send() under the store's probe/slot/timeout rules and raises only its failure
+Guard = Callable[[str, Callable[[], Awaitable[list[Any]]]], Awaitable[list[Any]]]
+# error(op, failure) -> the StoreError that caller gets (counted once, by the store)
+ToError = Callable[[str, Exception], Exception]
+
+
+class Call(NamedTuple):
+    op: str  # script name, for errors and metrics
+    command: tuple  # ("EVALSHA", sha, nkeys, *keys, *args)
+    future: asyncio.Future
+    source: str  # the script, for EVAL when the node lacks it
+
+
+class Batcher:
+    """The same-tick queue of one store and the pipelines it has in flight."""
+
+    def __init__(self, client: Any, *, guard: Guard, error: ToError) -> None:
+        self.client = client
+        self._guard = guard
+        self._error = error
+        self._queue: list[Call] = []
+        self._batches: set[asyncio.Task] = set()
+
+    def submit(self, op: str, command: tuple, source: str) -> asyncio.Future:
+        """Queue one command for this tick's pipeline; the future settles with its answer."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append(Call(op, command, future, source))
+        return future
+
+    async def drain(self) -> None:
+        """Send what is queued and let the pipelines in flight answer (each is bounded)."""
+        if self._queue:  # queued this tick: send them rather than leave their callers waiting
+            self._flush()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    def _flush(self) -> None:
+        # callers cancelled in the meantime (client gone) are not sent at all
+        batch = [c for c in self._queue if not c.future.done()]
+        self._queue = []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run(self, batch: list[Call]) -> None:
+        """Send one batch; settle every caller's future, each exactly once. Never raises."""
+        try:
+            results: list[Any] = await self._guard(batch[0].op, lambda: self._pipeline(batch))
+        except Exception as e:  # the whole pipeline failed (or never left): so did every call in it
+            results = [e] * len(batch)
+        except BaseException:  # this task itself cancelled (the loop is closing): so are its callers
+            for call in batch:
+                call.future.cancel()
+            raise
+        for call, result in zip(batch, results):
+            if isinstance(result, Exception):  # the batch's failure, or this call's own error
+                err = self._error(call.op, result)
+                if not call.future.done():
+                    call.future.set_exception(err)
+            elif not call.future.done():
+                call.future.set_result(result)
+
+    async def _pipeline(self, batch: list[Call]) -> list[Any]:
+        """The batch's commands written at once on one pooled connection, then every answer read:
+        a result or that command's own error each. A failure of the connection raises."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            results = await _exchange(conn, [call.command for call in batch])
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if again:  # first use on this node: EVAL sends the scripts and caches them
+                evals = [("EVAL", batch[i].source, *batch[i].command[2:]) for i in again]
+                for i, r in zip(again, await _exchange(conn, evals)):
+                    results[i] = r
+            return results
+        finally:
+            await pool.release(conn)
+
+
+async def _exchange(conn: Any, commands: list[tuple]) -> list[Any]:
+    """Write ``commands`` in one go on ``conn`` and read one answer each, in order. A command
+    that cannot even be encoded is not sent: its result is its DataError."""
+    packed: list[bytes] = []
+    unsent: dict[int, Exception] = {}
+    for i, command in enumerate(commands):
+        try:
+            packed.append(_pack(conn, command))
+        except DataError as e:  # a caller's bad argument: its own error, not the batch's
+            unsent[i] = e
+    if packed:
+        await conn.send_packed_command(packed)
+    results: list[Any] = []
+    for i in range(len(commands)):
+        if i in unsent:
+            results.append(unsent[i])
+            continue
+        try:
+            results.append(await conn.read_response())
+        except ResponseError as e:  # this command's own error: the answers after it still follow
+            results.append(e)
+    return results
+
+
+def _pack(conn: Any, command: tuple) -> bytes:
+    """RESP for one command: hiredis' packer (C) when it takes every argument, else redis-py's."""
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(command)
+        except TypeError:  # bytearray and the like; redis-py's packer knows them (or says why not)
+            pass
+    return b"".join(conn.pack_command(*command))
