@@ -22,7 +22,7 @@ from .limits import Limiter
 from .metrics import Metrics
 from .proxy import chat_completions
 from .record import RequestRecord
-from .state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, STORE, UPSTREAM
+from .state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, RECORD, STORE, UPSTREAM
 from .upstream import Upstream
 
 log = logging.getLogger("gateway.app")
@@ -93,7 +93,7 @@ async def gateway_middleware(request: web.Request, handler) -> web.StreamRespons
         method=request.method,
         path=request.path,
     )
-    request["record"] = rec
+    request[RECORD] = rec
     try:
         response = await handler(request)
     except GatewayError as err:
@@ -148,7 +148,7 @@ def _observe(request: web.Request, rec: RequestRecord) -> None:
 
 
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    rec = request.get("record")
+    rec = request.get(RECORD)
     if rec is not None:
         response.headers["x-request-id"] = rec.request_id
 
@@ -166,7 +166,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def team_usage(request: web.Request) -> web.Response:
     team = request.app[AUTH].team(request)
-    request["record"].team = team.name
+    request[RECORD].team = team.name
     return _json(await team_usage_report(request.app[STORE], team, request.app[CLOCK]()))
 
 

@@ -18,7 +18,7 @@ from .errors import GatewayError, RequestTooLarge, UnsupportedMediaType, Upstrea
 from .record import RequestRecord
 from .relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
 from .sse import EventScanner
-from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, UPSTREAM
+from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM
 from .usage import Usage, estimate
 from .validate import ChatRequest, validate_async
 
@@ -41,7 +41,7 @@ class Served:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    app, rec = request.app, request["record"]
+    app, rec = request.app, request[RECORD]
     config = app[CONFIG]
     team = app[AUTH].team(request)
     rec.team = team.name
@@ -86,7 +86,7 @@ async def _serve(request, chat: ChatRequest, decision, headers: dict, served: Se
 
 async def _forward(request, chat: ChatRequest, decision, headers: dict, served: Served):
     """Call the upstream and relay its answer; return (response, cache entry or None)."""
-    app, rec = request.app, request["record"]
+    app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
     # From here the provider may be generating: a client that leaves is charged the estimate.
     served.started_upstream = True
@@ -104,7 +104,7 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
 
 
 async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Served, resp):
-    app, rec = request.app, request["record"]
+    app, rec = request.app, request[RECORD]
     if resp.status != 200:
         served.usage = Usage(images_in=len(chat.images))  # a refused request costs nothing
         response = await error_passthrough(resp, app[CONFIG].upstream.api_key, rec)
@@ -142,7 +142,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
 
 
 async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: dict, served: Served):
-    rec = request["record"]
+    rec = request[RECORD]
     rec.cache = "hit"
     saved = Usage.from_provider(entry.usage, prices=chat.model.prices, images_in=len(chat.images), images_out=len(entry.images))
     served.usage, served.cached = saved, True

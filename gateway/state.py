@@ -6,6 +6,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Config
+from .record import RequestRecord
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Any)  # store.Store
@@ -15,3 +16,4 @@ METRICS = web.AppKey("metrics", Any)  # metrics.Metrics
 UPSTREAM = web.AppKey("upstream", Any)  # upstream.Upstream
 AUTH = web.AppKey("auth", Any)  # auth.Authenticator
 CLOCK = web.AppKey("clock", Any)  # () -> epoch seconds; time.time unless a test injects one
+RECORD = web.RequestKey("record", RequestRecord)  # per request: its facts, for metrics and the log
