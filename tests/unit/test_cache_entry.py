@@ -124,7 +124,8 @@ def test_every_put_starts_with_its_own_id():
 
 
 @pytest.mark.parametrize("data", [b"", b"junk", b"GWC1\x00\x00\x00\x05{}", entry(SMALL).encode()[:-1],
-                                  entry(SMALL).encode() + b"x"])
+                                  entry(SMALL).encode() + b"x"],
+                         ids=["empty", "junk", "no-images", "truncated", "trailing-byte"])  # entries carry random ids
 def test_decode_refuses_what_it_did_not_write(data):
     with pytest.raises(EntryFormatError):
         CacheEntry.decode(data)
