@@ -46,11 +46,11 @@ class HitReadError(StoreUnavailable):
 async def _read_range(store: Store, key: str, start: int, stop: int, check: bytes) -> bytes:
     """Bytes ``[start, stop)`` of the entry at ``key``, if it still starts with ``check`` (its
     random id) once they are read: so no answer ever splices two entries together. Two plain
-    GETRANGEs, no script (see ``Store.get_range``); a hit reads one range ahead, which hides
-    the second round trip."""
+    GETRANGEs in one round trip, no script (see ``Store.get_ranges``), the check after the
+    data; a hit reads one range ahead."""
     try:
-        data = await store.get_range(key, start, stop - 1)
-        same = await store.get_range(key, 0, len(check) - 1) == check
+        data, head = await store.get_ranges(key, ((start, stop - 1), (0, len(check) - 1)))
+        same = head == check
     except StoreError as e:
         raise HitReadError(str(e)) from None
     if not same or len(data) != stop - start:

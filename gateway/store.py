@@ -45,6 +45,10 @@ class Store(Protocol):
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """GETRANGE: bytes ``start..end`` (inclusive) of a string value, b"" if absent."""
 
+    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Several GETRANGEs of one key (each ``(start, end)``, inclusive) in one round trip,
+        not atomic: each answer as ``get_range`` would give it, in order."""
+
     async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False) -> bool: ...
 
     async def delete(self, key: str) -> None: ...
@@ -224,6 +228,16 @@ class RedisStore:
         # A plain command, never a script: Redis hashes every byte of a string passed into Lua
         # (~1.5 ms of its CPU per MB), which big cache reads must not pay.
         return await self._call("get_range", lambda: self.client.getrange(key, start, end))
+
+    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        # One non-transactional pipeline: one key, so one node (and one slot) on a cluster too.
+        async def run() -> list[bytes]:
+            pipe = self.client.pipeline(transaction=False)
+            for start, end in ranges:
+                pipe.getrange(key, start, end)
+            return await pipe.execute()
+
+        return await self._call("get_range", run)
 
     async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False) -> bool:
         px = max(1, int(ttl_s * 1000))

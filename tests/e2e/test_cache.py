@@ -278,6 +278,11 @@ class _RangeReadsFail:
             raise StoreError("store get_range failed: ConnectionError")
         return await self.store.get_range(key, start, end)
 
+    async def get_ranges(self, key, ranges):
+        if self.failing and any(start > 0 for start, _ in ranges):
+            raise StoreError("store get_range failed: ConnectionError")
+        return await self.store.get_ranges(key, ranges)
+
 
 async def test_a_hit_the_store_cannot_finish_ends_so_the_client_sees_it(start_gateway, store, http, simulator):
     flaky = _RangeReadsFail(store)

@@ -22,6 +22,13 @@ async def test_get_set_delete_ping(store):
     assert store.healthy
 
 
+async def test_get_ranges_reads_several_ranges_of_one_key_in_one_call(store):
+    await store.set("gw:r", b"0123456789", ttl_s=60)
+    assert await store.get_ranges("gw:r", [(2, 4), (0, 1), (8, 20)]) == [b"234", b"01", b"89"]
+    assert await store.get_ranges("gw:absent", [(0, 3), (5, 9)]) == [b"", b""]
+    await store.delete("gw:r")
+
+
 async def test_scripts_reload_after_the_server_forgets_them(store):
     keys = [ledger.day_key("a", "2026-11-25")]
     assert await store.run_script("usage", keys, []) == [[]]

@@ -178,6 +178,11 @@ class FakeStore:
         await asyncio.sleep(0)
         return (self._live(key) or b"")[start : end + 1]
 
+    async def get_ranges(self, key: str, ranges) -> list[bytes]:
+        await asyncio.sleep(0)
+        value = self._live(key) or b""
+        return [value[start : end + 1] for start, end in ranges]
+
     async def run_script(self, name, keys, args):
         await asyncio.sleep(0)
         value = self._live(keys[0])
@@ -477,6 +482,20 @@ class Reads:
             self.checks += 1
             return await self.store.get_range(key, start, end)
         return await self._counted(end - start + 1, lambda: self.store.get_range(key, start, end))
+
+    async def get_ranges(self, key, ranges):
+        """Counts each range as get_range would (the id checks apart); a read that fails fails
+        the whole round trip."""
+        data = [(start, end) for start, end in ranges if not (start == 0 and end == CHECK_BYTES - 1)]
+        self.checks += len(ranges) - len(data)
+        if not data:
+            return await self.store.get_ranges(key, ranges)
+        for start, end in data[:-1]:
+            self.sizes.append(end - start + 1)
+            if self.fail_at == len(self.sizes) - 1:
+                raise StoreError("store down")
+        start, end = data[-1]
+        return await self._counted(end - start + 1, lambda: self.store.get_ranges(key, ranges))
 
 
 async def body_of(entry, stream: bool = False, include_usage: bool = False) -> tuple[int | None, list[bytes]]:

@@ -30,6 +30,12 @@ async def test_memory_get_set_delete(memory):
     assert memory.healthy and memory.kind == "memory"
 
 
+async def test_memory_get_ranges_reads_several_ranges_of_one_key(memory):
+    await memory.set("k", b"0123456789", ttl_s=60)
+    assert await memory.get_ranges("k", [(2, 4), (0, 1), (8, 20)]) == [b"234", b"01", b"89"]
+    assert await memory.get_ranges("absent", [(0, 3), (5, 9)]) == [b"", b""]
+
+
 async def test_memory_stores_are_separate():
     a, b = await connect("memory://"), await connect("memory://")
     await a.set("k", b"1", ttl_s=60)
@@ -71,6 +77,31 @@ async def test_every_client_error_becomes_one_store_error(exc):
     client.exc = None
     assert await s.run_script("admit", ["k"], []) == "ok"  # the probe succeeds: healthy again
     assert s.healthy is True
+
+
+class FailingPipelineClient:
+    def pipeline(self, transaction=True):
+        assert transaction is False
+        client = self
+
+        class Pipe:
+            def getrange(self, *args):
+                pass
+
+            async def execute(self):
+                raise client.exc
+
+        return Pipe()
+
+    exc: Exception = ConnectionError("refused")
+
+
+async def test_a_failed_get_ranges_is_one_store_error():
+    ops = []
+    s = RedisStore(FailingPipelineClient(), kind="redis", on_error=ops.append)
+    with pytest.raises(StoreError) as e:
+        await s.get_ranges("k", [(0, 9), (0, 3)])
+    assert e.value.op == "get_range" and ops == ["get_range"] and s.healthy is False
 
 
 class HungClient:
