@@ -35,9 +35,8 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from .cache_entry import CacheEntry, EntryFormatError
-# re-exported, so the handler needs one import:
-from .cache_entry import SSECollector, entry_from_json, render_json, render_json_chunks, render_sse  # noqa: F401
-from .cache_read import CHECK_BYTES, FIRST_READ_BYTES, GRACE_S, READ_BYTES  # noqa: F401
+# SSECollector, entry_from_json and hit_body are re-exported: the handler needs one import.
+from .cache_entry import SSECollector, entry_from_json  # noqa: F401
 from .cache_read import HitReadError, StoredEntry, hit_body, open_entry  # noqa: F401
 from .config import Team
 from .singleflight import Flight, SingleFlight

@@ -22,10 +22,10 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import exposition as _exposition
 
-# prepare_multiprocess, mark_worker_dead and _observer are re-exported: callers import them from here.
+# prepare_multiprocess and mark_worker_dead are re-exported: the CLI imports them from here.
 from .metrics_multiprocess import MULTIPROC_ENV, mark_worker_dead, prepare_multiprocess  # noqa: F401
 from .metrics_multiprocess import use_multiprocess_values
-from .metrics_tally import HotPath, adder as _adder, observer as _observer  # noqa: F401
+from .metrics_tally import HotPath, adder
 from .record import RequestRecord
 from .usage import TOKEN_TYPES
 
@@ -166,7 +166,7 @@ class Metrics:
             for limit in LIMITS:
                 self.rejections.labels(team, limit)
         self._upstream: dict[tuple, Callable[[float], None]] = {}
-        self._upstream_errors = {k: _adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
+        self._upstream_errors = {k: adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
 
     # -- the request path ---------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from . import cache as cache_mod
 from .errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from .record import RequestRecord
 from .relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
 from .sse import EventScanner
 from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM

@@ -579,6 +579,19 @@ async def test_when_the_leader_fails_the_waiters_do_not_hang(gateways, http, sim
     assert after.status == 200 and after.cache == "HIT"
 
 
+async def assert_the_leader_served_the_waiter_who_stayed(http, simulator, leader, stayer, waiter_gw, payload) -> None:
+    """After waiters left: the leader's one call completed uncancelled, the waiter who stayed got
+    its answer as a hit, and the entry is stored for the next request."""
+    first = await asyncio.wait_for(leader, WAIT_S)
+    assert first.status == 200 and first.cache == "MISS"
+    stayed = await asyncio.wait_for(stayer, WAIT_S)
+    assert stayed.status == 200 and stayed.cache == "HIT" and stayed.images == first.images
+    stats = await simulator.stats()
+    assert (stats["calls"], stats["completed"], stats["cancelled"]) == (1, 1, 0)
+    again = await post(http, waiter_gw, payload)
+    assert again.cache == "HIT" and again.images == first.images
+
+
 async def _inflight(http, gw: RunningGateway) -> float:
     return metric(await scrape(http, gw), "gateway_inflight_requests", team="alpha")
 
@@ -604,14 +617,7 @@ async def test_a_waiters_disconnect_does_not_cancel_the_leader(gateways, http, s
     await wait_for(lambda: _is(_inflight(http, waiter_gw), base + 1))  # their handlers are gone
     assert (await simulator.stats())["inflight"]  # ... while the leader's call still runs
 
-    first = await asyncio.wait_for(leader, WAIT_S)
-    assert first.status == 200 and first.cache == "MISS"
-    stayed = await asyncio.wait_for(waiters[2], WAIT_S)
-    assert stayed.status == 200 and stayed.cache == "HIT" and stayed.images == first.images
-    stats = await simulator.stats()
-    assert (stats["calls"], stats["completed"], stats["cancelled"]) == (1, 1, 0)
-    again = await post(http, waiter_gw, payload)
-    assert again.cache == "HIT" and again.images == first.images
+    await assert_the_leader_served_the_waiter_who_stayed(http, simulator, leader, waiters[2], waiter_gw, payload)
     assert await calls(simulator) == 1
 
 

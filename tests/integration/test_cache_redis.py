@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.test_cache import WAIT_S, assert_clean_error, body, calls, metric, post, scrape
+from tests.e2e.test_cache import WAIT_S, assert_clean_error, assert_the_leader_served_the_waiter_who_stayed, body, calls, metric, post, scrape
 from tests.fixtures.gateway import RunningGateway, gateway_config, stop_gateway, wait_for
 
 # Cluster where the slot layout matters (an entry and its lock share a hash tag); the rest of
@@ -149,14 +149,7 @@ async def test_a_waiters_disconnect_does_not_cancel_the_leader_on_another_proces
     await wait_for(lambda: _inflight_is(http, waiter_gw, 1))  # their handlers are gone
     assert (await simulator.stats())["inflight"]  # the leader's call is still running
 
-    first = await asyncio.wait_for(leader, WAIT_S)
-    assert first.status == 200 and first.cache == "MISS"
-    stayed = await asyncio.wait_for(waiters[2], WAIT_S)
-    assert stayed.status == 200 and stayed.cache == "HIT" and stayed.images == first.images
-    stats = await simulator.stats()
-    assert (stats["calls"], stats["completed"], stats["cancelled"]) == (1, 1, 0)
-    again = await post(http, waiter_gw, payload)
-    assert again.cache == "HIT" and again.images == first.images
+    await assert_the_leader_served_the_waiter_who_stayed(http, simulator, leader, waiters[2], waiter_gw, payload)
 
 
 @REDIS

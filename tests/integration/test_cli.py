@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import openai
-import pytest
 import yaml
 
 from tests.images import decode_data_url, open_image

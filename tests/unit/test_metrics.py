@@ -244,7 +244,7 @@ def test_the_request_path_counts_like_the_clients_own_methods():
 
 
 def test_children_without_the_expected_internals_fall_back_to_their_public_methods():
-    from gateway.metrics import _adder, _observer
+    from gateway.metrics_tally import adder as _adder, observer as _observer
 
     class Child:
         def __init__(self):
