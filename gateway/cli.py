@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from . import config as config_mod
+from gateway import config as config_mod
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("simulate", help="run the simulated upstream provider")
-    from .simulator.server import add_arguments
+    from gateway.simulator.server import add_arguments
 
     add_arguments(s)
     s.set_defaults(func=cmd_simulate)
@@ -73,7 +73,7 @@ def _load_or_exit(path: str) -> config_mod.Config:
 
 
 def cmd_serve(args) -> int:
-    from .server import run_supervisor, run_worker
+    from gateway.server import run_supervisor, run_worker
 
     path = config_path(args.config)
     config = _load_or_exit(path)
@@ -92,20 +92,20 @@ def cmd_serve(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .simulator.server import main as simulate
+    from gateway.simulator.server import main as simulate
 
     argv = ["--host", args.host, "--port", str(args.port), "--latency-ms", str(args.latency_ms)]
     return simulate(argv + ["--api-key", args.api_key, "--fault", args.fault])
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from gateway.demo import run_demo
 
     return run_demo(args.port)
 
 
 def cmd_keys_new(args) -> int:
-    from .keytool import new_team_key
+    from gateway.keytool import new_team_key
 
     try:
         key, line = new_team_key(args.team)
@@ -119,7 +119,7 @@ def cmd_keys_new(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from .config_loader import check_config
+    from gateway.config.loader import check_config
 
     path = config_path(args.config)
     problems = check_config(path)
@@ -133,7 +133,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_usage(args) -> int:
-    from .usage_report import print_usage
+    from gateway.limits.report import print_usage
 
     config = _load_or_exit(config_path(args.config))
     return asyncio.run(print_usage(config, team=args.team, month=args.month, day=args.day, as_json=args.json))

@@ -6,9 +6,9 @@ import secrets
 
 from aiohttp import web
 
-from .keytool import hash_key
-from .config import Config
-from .config_loader import parse
+from gateway.keytool import hash_key
+from gateway.config import Config
+from gateway.config.loader import parse
 
 DEMO_LATENCY_MS = 800  # long enough to see streaming happen, short enough to stay fun
 
@@ -56,17 +56,17 @@ def demo_config(port: int, sim_url: str, sim_key: str, team_key: str) -> Config:
 
 
 def run_demo(port: int) -> int:
-    from .accesslog import configure_logging
-    from .server import use_uvloop
+    from gateway.observability.accesslog import configure_logging
+    from gateway.server import use_uvloop
 
     use_uvloop()
     return asyncio.run(_demo(port, configure_logging))
 
 
 async def _demo(port: int, configure_logging) -> int:
-    from .app import create_app
-    from .server import stop_on_signals
-    from .simulator import create_app as create_simulator
+    from gateway.http.app import create_app
+    from gateway.server import stop_on_signals
+    from gateway.simulator import create_app as create_simulator
 
     stop = stop_on_signals()
     sim_key = secrets.token_urlsafe(24)

@@ -19,9 +19,9 @@ import time
 
 from aiohttp import web
 
-from .config import Config
+from gateway.config import Config
 
-log = logging.getLogger("gateway.server")
+log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30.0
 RESTART_DELAY_S = 1.0
@@ -41,8 +41,8 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
         # environment would carry another run's totals into this one. (Before prometheus_client
         # is imported: it reads the variable then.)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    from .accesslog import configure_logging
-    from .app import create_app
+    from gateway.observability.accesslog import configure_logging
+    from gateway.http.app import create_app
 
     configure_logging(config.logging)
     use_uvloop()
@@ -81,7 +81,7 @@ def free_port(host: str) -> int:
 
 def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
     """Start ``workers`` processes on one port; restart any that dies; stop all on SIGTERM."""
-    from .metrics import mark_worker_dead, prepare_multiprocess
+    from gateway.observability.metrics import mark_worker_dead, prepare_multiprocess
 
     port = port or free_port(host)
     own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from .config import Prices
+from gateway.config import Prices
 
 TOKEN_TYPES = ("prompt", "completion", "image", "reasoning", "audio")
 

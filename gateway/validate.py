@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from .config import Config, Limits, ModelConfig
-from .errors import InvalidRequest
-from .images import check_data_url
+from gateway.config import Config, Limits, ModelConfig
+from gateway.errors import InvalidRequest
+from gateway.images.inputs import check_data_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.accesslog import ACCESS_LOGGER, AccessJsonFormatter
+from gateway.observability.accesslog import ACCESS_LOGGER, AccessJsonFormatter
 from tests.fixtures.logscan import find_leaks
 from tests.fixtures.prometheus import require_binary
 from tests.fixtures.simulator import API_KEY as UPSTREAM_KEY, REPO_ROOT as REPO
@@ -400,7 +400,7 @@ def test_logscan_finds_every_kind_of_leak(line, leaks):
 
 @pytest.mark.parametrize("line", [
     '{"time":"2026-01-31T12:00:00.123Z","request_id":"3f1c9a","team":"design","status":200,"cost_usd":0.15}',
-    "WARNING gateway.proxy upstream reported no usage; charging the estimate",
+    "WARNING gateway.http.chat upstream reported no usage; charging the estimate",
     "cache key gw:cache:{" + "a" * 64 + "} stored; sha256:" + "0" * 64,
     "the monkey-patched key is fine, and so is gw-design-short",
     "x " + "A" * 199 + " y",  # one short of a base64 run
@@ -412,13 +412,13 @@ def test_logscan_passes_clean_lines(line):
 
 INNER_TESTS = '''
 import io, logging
-from gateway.accesslog import configure_logging, write_access_log
+from gateway.observability.accesslog import configure_logging, write_access_log
 from gateway.config import LoggingConfig
-from gateway.record import RequestRecord
+from gateway.http.record import RequestRecord
 from tests.fixtures.logscan import watch_file
 
 def test_a_log_line(tmp_path):
-    logging.getLogger("gateway.upstream").warning("retrying with Authorization: Bearer %s", "sk-0")
+    logging.getLogger("gateway.upstream.client").warning("retrying with Authorization: Bearer %s", "sk-0")
 
 def test_an_access_line_of_a_non_propagating_logger():
     configure_logging(LoggingConfig(level="info"), stream=io.StringIO())
@@ -430,7 +430,7 @@ def test_a_spawned_gateways_log_file(tmp_path):
     watch_file(path)
 
 def test_clean(tmp_path):
-    logging.getLogger("gateway.proxy").warning("upstream reported no usage; charging the estimate")
+    logging.getLogger("gateway.http.chat").warning("upstream reported no usage; charging the estimate")
     path = tmp_path / "gw1.log"
     path.write_text('{"level":"info","message":"gateway listening"}\\n')
     watch_file(path)
@@ -446,7 +446,7 @@ def test_the_logscan_plugin_fails_a_session_that_leaked_and_only_that(pytester, 
     leaked.assert_outcomes(passed=4)  # every test passed; the log scan failed the session
     report = leaked.stdout.str()
     assert "3 log line(s) hold a key" in report
-    assert re.search(r"\[bearer token\] logger gateway.upstream \(during test_inner.py::test_a_log_line\)", report)
+    assert re.search(r"\[bearer token\] logger gateway.upstream.client \(during test_inner.py::test_a_log_line\)", report)
     assert re.search(r"\[team key\] logger gateway.access \(during .*non_propagating_logger\)", report)
     assert re.search(r"\[data URL\] \S*gw0.log:2 \(during .*spawned_gateways_log_file\)", report)
     assert "gw1.log" not in report and "charging the estimate" not in report

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamUnavailable
-from gateway.upstream import Upstream
+from gateway.upstream.client import Upstream
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]})
 

@@ -57,8 +57,8 @@ def test_keys_new_prints_a_key_whose_hash_line_authenticates(tmp_path):
     assert done.returncode == 0
     key = re.search(r"^\s+(gw-design-\S+)$", done.stdout, re.M).group(1)
     line = re.search(r'"(sha256:[0-9a-f]{64})"', done.stdout).group(1)
-    from gateway.config_loader import parse
-    from gateway.auth import Authenticator
+    from gateway.config.loader import parse
+    from gateway.http.auth import Authenticator
 
     config = parse({"teams": [{"name": "design", "keys": [line]}]})
     request = type("R", (), {"headers": {"Authorization": f"Bearer {key}"}})()

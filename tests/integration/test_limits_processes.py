@@ -29,7 +29,7 @@ import orjson
 import pytest
 import yaml
 
-from gateway.ledger import read_usage
+from gateway.limits.ledger import read_usage
 from gateway.store import connect
 from tests.fixtures.gateway import RunningGateway, gateway_config, stop_gateway, team_key, wait_for
 from tests.fixtures.logscan import watch_file

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from gateway.metrics import Metrics
-from gateway.record import RequestRecord
+from gateway.observability.metrics import Metrics
+from gateway.http.record import RequestRecord
 from gateway.usage import Usage
 from tests.fixtures.prometheus import require_binary
 

@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from gateway import ledger
-from gateway.limits import limit_keys
+from gateway.limits import ledger
+from gateway.limits.limiter import limit_keys
 from gateway.store import StoreError, connect
 from tests.fixtures.redis import RedisServer
 

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
     from gateway import config as config_mod
-    from gateway.accesslog import configure_logging
-    from gateway.app import create_app
+    from gateway.observability.accesslog import configure_logging
+    from gateway.http.app import create_app
     from gateway.server import _serve_forever, use_uvloop
 
     try:

@@ -1,4 +1,4 @@
-"""gateway.accesslog: one line per request, JSON or key=value, and never a secret."""
+"""gateway.observability.accesslog: one line per request, JSON or key=value, and never a secret."""
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.accesslog import ACCESS_LOGGER, FLUSH_INTERVAL_S, FLUSH_LINES, configure_logging, write_access_log
+from gateway.observability.accesslog import ACCESS_LOGGER, FLUSH_INTERVAL_S, FLUSH_LINES, configure_logging, write_access_log
 from gateway.config import LoggingConfig
-from gateway.record import RequestRecord
+from gateway.http.record import RequestRecord
 from gateway.usage import Usage
 
 FIELDS = ["time", "request_id", "method", "path", "team", "model", "status", "error_code", "stream", "cache",
@@ -92,9 +92,9 @@ def test_text_line_is_key_value_and_cannot_be_spoofed():
 
 def test_other_logs_share_the_format():
     out = configured(format="json")
-    logging.getLogger("gateway.upstream").warning("upstream answered %s", 503)
+    logging.getLogger("gateway.upstream.client").warning("upstream answered %s", 503)
     line = orjson.loads(out.getvalue())
-    assert line["level"] == "warning" and line["logger"] == "gateway.upstream"
+    assert line["level"] == "warning" and line["logger"] == "gateway.upstream.client"
     assert line["message"] == "upstream answered 503"
 
 
@@ -228,7 +228,7 @@ async def test_a_full_queue_is_written_at_once():
 async def test_other_log_lines_keep_their_place_after_queued_access_lines():
     out = configured_alone()
     write_access_log(a_request(request_id="first"))
-    logging.getLogger("gateway.upstream").warning("then this")
+    logging.getLogger("gateway.upstream.client").warning("then this")
     write_access_log(a_request(request_id="last"))
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [line.get("request_id") or line["message"] for line in lines] == ["first", "then this"]
@@ -247,9 +247,9 @@ def test_lines_queued_when_the_process_exits_are_written():
     """A served gateway's clean exit: the loop is gone with its timer, logging.shutdown flushes."""
     code = (
         "import asyncio\n"
-        "from gateway.accesslog import configure_logging, write_access_log\n"
+        "from gateway.observability.accesslog import configure_logging, write_access_log\n"
         "from gateway.config import LoggingConfig\n"
-        "from gateway.record import RequestRecord\n"
+        "from gateway.http.record import RequestRecord\n"
         "configure_logging(LoggingConfig(level='info'))\n"
         "async def main():\n"
         "    for i in range(1000):\n"

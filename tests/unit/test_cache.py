@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from gateway import store as store_module
-from gateway.cache_read import CHECK_BYTES, FIRST_READ_BYTES, GRACE_S, READ_BYTES
+from gateway.cache.read import CHECK_BYTES, FIRST_READ_BYTES, GRACE_S, READ_BYTES
 from gateway.cache import Cache, CacheDecision, HitReadError, StoredEntry, decide, hit_body
-from gateway.cache_entry import CachedImage, CacheEntry, render_json, render_sse
+from gateway.cache.entry import CachedImage, CacheEntry, render_json, render_sse
 from gateway.config import CacheConfig, ModelConfig, Team
 from gateway.store import StoreError
 from gateway.validate import ChatRequest, ImageFact

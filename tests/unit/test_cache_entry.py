@@ -1,4 +1,4 @@
-"""gateway.cache_entry: what becomes an entry, its binary envelope, and how a hit is replayed."""
+"""gateway.cache.entry: what becomes an entry, its binary envelope, and how a hit is replayed."""
 from __future__ import annotations
 
 import base64
@@ -9,8 +9,8 @@ import os
 import orjson
 import pytest
 
-from gateway import cache_entry as cache_entry_module
-from gateway.cache_entry import (
+from gateway.cache import entry as cache_entry_module
+from gateway.cache.entry import (
     SLICE_BYTES,
     CacheEntry,
     CachedImage,

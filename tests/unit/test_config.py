@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import DEFAULT_MODEL_ID, Config, ConfigError, Limits, load
-from gateway.config_loader import check_config, load_text, parse
+from gateway.config.loader import check_config, load_text, parse
 from gateway.keytool import hash_key, new_team_key
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.yaml"

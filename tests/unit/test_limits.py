@@ -12,10 +12,10 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from gateway import ledger
+from gateway.limits import ledger
 from gateway.config import Config, Limits, ModelConfig, Prices, Quota, Team, UpstreamConfig
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
-from gateway.limits import Limiter, NoopAdmission, estimate_tokens, format_duration
+from gateway.limits.limiter import Limiter, NoopAdmission, estimate_tokens, format_duration
 from gateway.store import StoreError, connect
 from gateway.usage import Usage
 from gateway.validate import ChatRequest
@@ -419,7 +419,7 @@ async def test_noop_admission():
 
 
 def test_lease_ids_are_unique_and_a_forked_child_draws_a_new_prefix():
-    from gateway.limits import _LeaseIds
+    from gateway.limits.limiter import _LeaseIds
 
     ids = _LeaseIds()
     drawn = {ids.next() for _ in range(10_000)}

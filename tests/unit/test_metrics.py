@@ -1,12 +1,12 @@
-"""gateway.metrics: what a scrape shows after known requests, read back with the client's parser."""
+"""gateway.observability.metrics: what a scrape shows after known requests, read back with the client's parser."""
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics
-from gateway.record import RequestRecord
+from gateway.observability.metrics import Metrics
+from gateway.http.record import RequestRecord
 from gateway.usage import Usage
 
 MODEL = "google/gemini-3-pro-image-preview"
@@ -210,7 +210,7 @@ def test_the_request_path_counts_like_the_clients_own_methods():
     """Same records into the gateway's metrics and, by hand, into twin metrics through the
     client's public inc/observe: every sample equal, bucket bounds themselves included."""
     from prometheus_client import Counter, Histogram
-    from gateway.metrics import DURATION_BUCKETS, OVERHEAD_BUCKETS
+    from gateway.observability.metrics import DURATION_BUCKETS, OVERHEAD_BUCKETS
 
     values = [0.0, 0.00005, 0.000051, 0.0001, 0.01, 0.0100001, 1, 2.5, 20.0, 299.9, 300, 300.5, 1e9]
     m = Metrics(model_ids=[MODEL])
@@ -244,7 +244,7 @@ def test_the_request_path_counts_like_the_clients_own_methods():
 
 
 def test_children_without_the_expected_internals_fall_back_to_their_public_methods():
-    from gateway.metrics_tally import adder as _adder, observer as _observer
+    from gateway.observability.tally import adder as _adder, observer as _observer
 
     class Child:
         def __init__(self):

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCENARIO = textwrap.dedent('''
     import json, multiprocessing, sys
-    from gateway import metrics as gm  # prometheus_client is imported before the env var is set
-    from gateway.record import RequestRecord
+    from gateway.observability import metrics as gm  # prometheus_client is imported before the env var is set
+    from gateway.http.record import RequestRecord
     from gateway.usage import Usage
 
     MODEL = "m1"

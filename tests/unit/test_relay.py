@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from gateway.relay import passthrough_headers, redact
-from gateway.upstream import MAX_RETRY_AFTER_S, _retry_after
+from gateway.upstream.relay import passthrough_headers, redact
+from gateway.upstream.client import MAX_RETRY_AFTER_S, _retry_after
 
 
 def test_hop_by_hop_framing_and_gateway_owned_headers_are_dropped():

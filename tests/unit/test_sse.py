@@ -9,7 +9,7 @@ import random
 import orjson
 import pytest
 
-from gateway.sse import (IMAGE_MARKER, SCAN_STEPS, SEPARATORS, EventScanner, _find_separator, count_images,
+from gateway.upstream.sse import (IMAGE_MARKER, SCAN_STEPS, SEPARATORS, EventScanner, _find_separator, count_images,
                          event_data)
 
 IMAGE = base64.b64encode(os.urandom(3_000_000)).decode()

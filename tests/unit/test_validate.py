@@ -13,7 +13,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from gateway import images as images_module
+from gateway.images import inputs as images_module
 from gateway import validate as validate_module
 from gateway.config import Config, Limits, ModelConfig
 from gateway.errors import InvalidRequest

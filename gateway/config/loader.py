@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from . import config as c
+from gateway import config as c
 
 Check = Callable[[Any, str, list[str]], Any]
 _SKIP = object()  # "leave this key out": a bad value (already reported), an absent section

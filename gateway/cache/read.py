@@ -20,9 +20,9 @@ from typing import AsyncIterator, Iterator
 
 import pybase64
 
-from .cache_entry import SLICE_BYTES, CacheEntry, EntryFormatError, Plan, fill, json_plan, sse_plan
-from .errors import StoreUnavailable
-from .store import Store, StoreError
+from gateway.cache.entry import SLICE_BYTES, CacheEntry, EntryFormatError, Plan, fill, json_plan, sse_plan
+from gateway.errors import StoreUnavailable
+from gateway.store import Store, StoreError
 
 READ_BYTES = SLICE_BYTES  # raw bytes per read of an entry (a multiple of 3: whole base64 groups)
 FIRST_READ_BYTES = 64 * 1024  # through the script (with length and TTL): small, as Lua hashes it

@@ -25,8 +25,8 @@ from typing import Any, Awaitable, Callable, NoReturn, Protocol, Sequence
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from .store_batch import Batcher
-from .store_url import _cluster_nodes, open_client  # noqa: F401  (_cluster_nodes: unit tests reach it here)
+from gateway.store.batch import Batcher
+from gateway.store.url import _cluster_nodes, open_client  # noqa: F401  (_cluster_nodes: unit tests reach it here)
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import cache as cache_mod
-from .errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from .relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
-from .sse import EventScanner
-from .state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM
-from .usage import Usage, estimate
-from .validate import ChatRequest, validate_async
+from gateway import cache as cache_mod
+from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
+from gateway.upstream.sse import EventScanner
+from gateway.http.state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM
+from gateway.usage import Usage, estimate
+from gateway.validate import ChatRequest, validate_async
 
-log = logging.getLogger("gateway.proxy")
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")

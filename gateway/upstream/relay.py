@@ -18,11 +18,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from .record import RequestRecord
-from .sse import EventScanner, event_data
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from gateway.http.record import RequestRecord
+from gateway.upstream.sse import EventScanner, event_data
 
-log = logging.getLogger("gateway.relay")
+log = logging.getLogger(__name__)
 
 # Headers never copied from the upstream: hop-by-hop ones, framing we redo, and ones that
 # belong to the gateway (request ids, the rate limits of *our* account at the provider).

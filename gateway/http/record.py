@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .usage import Usage
+from gateway.usage import Usage
 
 
 @dataclass(slots=True)

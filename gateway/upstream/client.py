@@ -21,10 +21,10 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from .config import UpstreamConfig
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
-log = logging.getLogger("gateway.upstream")
+log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_BASE_S = 0.25

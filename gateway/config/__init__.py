@@ -151,7 +151,7 @@ class Config:
 
 def load(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> Config:
     """Read, substitute ``${VAR}`` from ``env`` (default ``os.environ``), parse and check."""
-    from .config_loader import load_text  # the schema walker lives beside, to keep this file short
+    from gateway.config.loader import load_text  # the schema walker lives beside, to keep this file short
 
     with open(path, encoding="utf-8") as f:
         text = f.read()

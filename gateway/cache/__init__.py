@@ -34,14 +34,14 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from .cache_entry import CacheEntry, EntryFormatError
+from gateway.cache.entry import CacheEntry, EntryFormatError
 # SSECollector, entry_from_json and hit_body are re-exported: the handler needs one import.
-from .cache_entry import SSECollector, entry_from_json  # noqa: F401
-from .cache_read import HitReadError, StoredEntry, hit_body, open_entry  # noqa: F401
-from .config import Team
-from .singleflight import Flight, SingleFlight
-from .store import Store, StoreError
-from .validate import ChatRequest, ImageFact
+from gateway.cache.entry import SSECollector, entry_from_json  # noqa: F401
+from gateway.cache.read import HitReadError, StoredEntry, hit_body, open_entry  # noqa: F401
+from gateway.config import Team
+from gateway.cache.singleflight import Flight, SingleFlight
+from gateway.store import Store, StoreError
+from gateway.validate import ChatRequest, ImageFact
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import exposition as _exposition
 
 # prepare_multiprocess and mark_worker_dead are re-exported: the CLI imports them from here.
-from .metrics_multiprocess import MULTIPROC_ENV, mark_worker_dead, prepare_multiprocess  # noqa: F401
-from .metrics_multiprocess import use_multiprocess_values
-from .metrics_tally import HotPath, adder
-from .record import RequestRecord
-from .usage import TOKEN_TYPES
+from gateway.observability.multiprocess import MULTIPROC_ENV, mark_worker_dead, prepare_multiprocess  # noqa: F401
+from gateway.observability.multiprocess import use_multiprocess_values
+from gateway.observability.tally import HotPath, adder
+from gateway.http.record import RequestRecord
+from gateway.usage import TOKEN_TYPES
 
 CONTENT_TYPE = getattr(_exposition, "CONTENT_TYPE_PLAIN_0_0_4", _exposition.CONTENT_TYPE_LATEST)
 NO_TEAM = "none"  # label of requests that never authenticated

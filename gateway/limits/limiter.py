@@ -23,12 +23,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 
-from . import ledger
-from .config import Config, Team
-from .errors import QuotaExceeded, RateLimited, StoreUnavailable
-from .store import Store, StoreError
-from .usage import Usage, estimate
-from .validate import ChatRequest
+from gateway.limits import ledger
+from gateway.config import Config, Team
+from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
+from gateway.store import Store, StoreError
+from gateway.usage import Usage, estimate
+from gateway.validate import ChatRequest
 
 log = logging.getLogger(__name__)
 

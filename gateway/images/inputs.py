@@ -22,7 +22,7 @@ from binascii import a2b_base64
 import orjson
 import pybase64
 
-from .errors import InvalidRequest
+from gateway.errors import InvalidRequest
 
 MIME_ALIASES = {
     "image/png": "image/png",

@@ -14,12 +14,12 @@ import secrets
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
-from .cache_entry import CacheEntry
-from .store import Store, StoreError
+from gateway.cache.entry import CacheEntry
+from gateway.store import Store, StoreError
 
 if TYPE_CHECKING:
-    from .cache import CacheDecision
-    from .cache_read import StoredEntry
+    from gateway.cache import CacheDecision
+    from gateway.cache.read import StoredEntry
 
     Hit = tuple[CacheEntry | StoredEntry, int]  # an entry and its age in whole seconds
 

@@ -11,21 +11,21 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from . import store as store_mod
-from .accesslog import write_access_log
-from .auth import Authenticator
-from .cache import Cache
-from .config import Config
-from .errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, RequestTooLarge, error_response
-from .ledger import team_usage_report
-from .limits import Limiter
-from .metrics import Metrics
-from .proxy import chat_completions
-from .record import RequestRecord
-from .state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, RECORD, STORE, UPSTREAM
-from .upstream import Upstream
+from gateway import store as store_mod
+from gateway.observability.accesslog import write_access_log
+from gateway.http.auth import Authenticator
+from gateway.cache import Cache
+from gateway.config import Config
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, RequestTooLarge, error_response
+from gateway.limits.ledger import team_usage_report
+from gateway.limits.limiter import Limiter
+from gateway.observability.metrics import Metrics
+from gateway.http.chat import chat_completions
+from gateway.http.record import RequestRecord
+from gateway.http.state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, RECORD, STORE, UPSTREAM
+from gateway.upstream.client import Upstream
 
-log = logging.getLogger("gateway.app")
+log = logging.getLogger(__name__)
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 READY_TIMEOUT_S = 1.0

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from . import ledger
-from .config import Config
-from .errors import StoreUnavailable
-from .store import connect
+from gateway.limits import ledger
+from gateway.config import Config
+from gateway.errors import StoreUnavailable
+from gateway.store import connect
 
 MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 

@@ -19,10 +19,10 @@ from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any, Mapping
 
-from .config import Team
-from .errors import StoreUnavailable
-from .store import StoreError
-from .usage import TOKEN_TYPES, Usage
+from gateway.config import Team
+from gateway.errors import StoreUnavailable
+from gateway.store import StoreError
+from gateway.usage import TOKEN_TYPES, Usage
 
 DAY_TTL_S = 40 * 86400
 MONTH_TTL_S = 400 * 86400

@@ -5,8 +5,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import Config
-from .record import RequestRecord
+from gateway.config import Config
+from gateway.http.record import RequestRecord
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Any)  # store.Store

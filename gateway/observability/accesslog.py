@@ -29,8 +29,8 @@ from typing import IO, Any, Callable
 
 import orjson
 
-from .config import LoggingConfig
-from .record import RequestRecord
+from gateway.config import LoggingConfig
+from gateway.http.record import RequestRecord
 
 ACCESS_LOGGER = "gateway.access"
 _access = logging.getLogger(ACCESS_LOGGER)

@@ -5,9 +5,9 @@ import hmac
 
 from aiohttp import web
 
-from .config import Config, Team
-from .errors import AuthenticationFailed, Forbidden
-from .keytool import hash_key
+from gateway.config import Config, Team
+from gateway.errors import AuthenticationFailed, Forbidden
+from gateway.keytool import hash_key
 
 
 def bearer_token(request: web.Request) -> str | None:
