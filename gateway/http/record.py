@@ -5,10 +5,23 @@ response is done. Nothing here may hold a key, a prompt or base64.
 """
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 
 from gateway.usage import Usage
+
+
+class Phase(enum.IntEnum):
+    """How far a request got. What may still be written to the client, which status is logged
+    and what is charged follow from the phase it reached, on every exit (error, timeout,
+    cancellation, client gone)."""
+
+    RECEIVED = 0  # not admitted: nothing reserved, nothing to charge
+    ADMITTED = 1  # limits taken: settle must run
+    SENT_UPSTREAM = 2  # bytes of the request may have reached the provider: it may bill us
+    ANSWER_STARTED = 3  # the client has the status line: only the body (or an error event) may follow
+    ANSWER_FINISHED = 4  # the client has every byte: a later disconnect changes nothing
 
 
 @dataclass(slots=True)
@@ -22,6 +35,7 @@ class RequestRecord:
     stream: bool = False
     cache: str = "none"  # hit | miss | bypass | none
     status: int = 0
+    phase: Phase = Phase.RECEIVED
     error_code: str | None = None
     upstream_s: float = 0.0  # time spent waiting on the upstream (excluded from overhead)
     client_wait_s: float = 0.0  # time spent waiting for the client to take bytes (likewise)
@@ -33,6 +47,11 @@ class RequestRecord:
 
     def finish(self) -> None:
         self.duration_s = time.perf_counter() - self.started
+
+    def reach(self, phase: Phase) -> None:
+        """Phases only move forward."""
+        if phase > self.phase:
+            self.phase = phase
 
     def first_byte(self) -> None:
         if self.ttfb_s is None:
