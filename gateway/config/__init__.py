@@ -29,6 +29,7 @@ class ServerConfig:
     max_body_mb: float = 100
     metrics_path: str = "/metrics"
     metrics: bool = True  # off only to measure the gateway without them
+    read_timeout_s: float = 30  # a client that sends no byte of its headers or body this long is cut off
 
     @property
     def max_body_bytes(self) -> int:
@@ -62,6 +63,7 @@ class ModelConfig:
     # Completion tokens reserved before the call when the request sets no max: one image
     # (1120 tokens at 1K/2K) plus the model's reasoning (~700-900).
     default_completion_tokens: int = 2200
+    max_completion_tokens: int = 32768  # the model's output cap: a larger max_(completion_)tokens is a 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,7 @@ class CacheConfig:
 class StoreConfig:
     url: str = "memory://"
     on_error: str = "open"  # open | closed
+    lease_ttl_s: float = 15  # a max_concurrent slot of a dead replica comes back within this; renewed while its request lives
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,15 +128,18 @@ _CACHE = {"mode": _one_of("off", "deterministic", "always"), "ttl_s": POS_INT,
           "max_entry_mb": POS_NUM, "scope": _one_of("team", "global")}
 _SCHEMA = _record({
     "server": _record({"host": TEXT, "port": PORT, "max_body_mb": POS_NUM,
-                       "metrics_path": URL_PATH, "metrics": BOOL}),
+                       "metrics_path": URL_PATH, "metrics": BOOL,
+                       "read_timeout_s": POS_NUM}),
     "upstream": _record({"base_url": BASE_URL, "api_key": ANY_TEXT, "timeout_s": POS_NUM,
                          "connect_timeout_s": POS_NUM, "max_retries": COUNT}),
     "models": _list_of(_record({
         "id": TEXT, "aliases": _list_of(TEXT), "upstream_id": TEXT,
         "prices_usd_per_million": _record({"prompt": PRICE, "completion": PRICE, "image": PRICE}),
-        "default_completion_tokens": POS_INT}, required=("id",))),
+        "default_completion_tokens": POS_INT, "max_completion_tokens": POS_INT},
+        required=("id",))),
     "limits_defaults": _record(_LIMITS),
-    "store": _record({"url": STORE_URL, "on_error": _one_of("open", "closed")}),
+    "store": _record({"url": STORE_URL, "on_error": _one_of("open", "closed"),
+                      "lease_ttl_s": POS_NUM}),
     "cache": _record(_CACHE),
     "teams": _list_of(_record({
         "name": NAME, "keys": _list_of(KEY_HASH), "limits": _record(_LIMITS),

@@ -223,7 +223,7 @@ def test_limit_problem_inside_the_third_team():
     ("cache: {ttl: 5}", "cache.ttl: unknown key (did you mean 'ttl_s'?)"),
     ("models: [{id: x, prices_usd_per_million: {imag: 1}}]",
      "models[0].prices_usd_per_million.imag: unknown key (did you mean 'image'?)"),
-    ("store: {zzz: 1}", "store.zzz: unknown key (known keys: url, on_error)"),
+    ("store: {zzz: 1}", "store.zzz: unknown key (known keys: url, on_error, lease_ttl_s)"),
 ])
 def test_unknown_keys_are_problems_with_a_suggestion(text, problem):
     assert problems_of(text) == [problem]
