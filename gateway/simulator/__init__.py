@@ -37,9 +37,33 @@ Fault grammar
     no_usage        leave usage out (no ``usage`` key in JSON, no usage in the stream)
     echo_key        with status: the error message quotes the caller's key (as some providers
                     do), to prove the gateway never passes the upstream key on
+    echo_key_header every response carries the key in ``X-Debug-Authorization`` and in
+                    ``OpenAI-Model`` (a name a gateway may allow through)
+    echo_key_body   JSON 200: the message ``content`` quotes the key
+    echo_key_stream stream: a content delta quotes the key, written in two pieces split
+                    inside the key
+    echo_key_stream_error
+                    stream: after the progress text, ``data: {"error": {...}}`` quoting the
+                    key (finish_reason ``error``), then the body ends without ``[DONE]``
+    key_escaped     wherever the key is echoed, spell it JSON-escaped: every other character
+                    as ``\\uXXXX`` (mixed hex case), which decodes to the key but is not its bytes
+    malformed=WHAT  a 200 of the wrong shape, WHAT one of ``choices`` (``"choices": 1``),
+                    ``message`` (a string), ``images`` (``5``); in a stream, one such event
+                    (``data: {"choices":1}``...) after the progress text, the rest as usual
+    blocked=REASON  a safety-blocked answer: no image (or text), ``finish_reason``
+                    ``content_filter``, ``native_finish_reason`` REASON (``IMAGE_SAFETY``,
+                    ``PROHIBITED_CONTENT``, ``IMAGE_PROHIBITED_CONTENT``, ``SAFETY``); usage
+                    bills the prompt and thinking, no image tokens
+    not_http        answer with bytes that are no HTTP at all, then close the connection
+    split_error_ms=N
+                    with status: send the error's headers and half its body, wait N ms, then
+                    the rest (a body that arrives in two TCP pieces)
 
+    ``reset`` and ``not_http`` happen after the whole request was read and counted, so the
+    stats prove whether a gateway sent it again.
     The leading ``: PROCESSING`` comment of a stream is not an event for cut/hold/drip.
-    When several apply: reset wins over status, status over garbage, garbage over an answer.
+    When several apply: reset wins over not_http, not_http over status, status over garbage,
+    garbage over an answer.
 
 Fault sources, combined item by item, later ones overriding earlier ones:
     1. the server default: ``create_app(latency_ms=, fault=)`` / ``--latency-ms``, ``--fault``

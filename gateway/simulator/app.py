@@ -1,9 +1,9 @@
 """The simulator's aiohttp app: its routes, and the one handler that answers a chat request.
 
 The chat handler reads as the order of events on a real upstream, with the faults slotted in:
-count the call -> auth -> JSON -> pick the fault -> latency -> reset / status / garbage ->
-validate and decode the inputs -> answer as JSON or as SSE. CPU work (base64, Pillow, JPEG)
-runs in worker threads, so a slow 4K answer never stalls the other requests' events.
+count the call -> auth -> JSON -> pick the fault -> latency -> reset / not_http / status /
+garbage -> validate and decode the inputs -> answer as JSON or as SSE. CPU work (base64, Pillow,
+JPEG) runs in worker threads, so a slow 4K answer never stalls the other requests' events.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from . import completions, errors, faults, images, inputs, parse
+from . import completions, errors, faults, images, inputs, misbehave, parse
 from .completions import Reply
 from .faults import Fault, FaultSpecError
 from .sse import EventStream, StreamCut
@@ -62,6 +62,7 @@ class Simulator:
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
+ECHO_HEADERS = web.RequestKey("echo_headers", dict)  # the echo_key_header fault's headers
 
 
 def create_app(*, api_key: str = "sim-key", latency_ms: int = 0, fault: str = "") -> web.Application:
@@ -70,6 +71,7 @@ def create_app(*, api_key: str = "sim-key", latency_ms: int = 0, fault: str = ""
     default_fault = faults.parse(f"latency_ms={latency_ms}" if latency_ms else "").merged(faults.parse(fault))
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIMULATOR] = Simulator(api_key, default_fault)
+    app.on_response_prepare.append(_add_echo_headers)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/_sim/stats", get_stats)
@@ -87,6 +89,11 @@ def _loads(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
+
+
+async def _add_echo_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Whatever the answer (JSON, SSE, error), the ``echo_key_header`` fault's headers go on it."""
+    response.headers.update(request.get(ECHO_HEADERS, {}))
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -119,37 +126,56 @@ async def _answer(request: web.Request, sim: Simulator, body: Any, record: CallR
         raise errors.invalid_request("Request body is not valid JSON.", "invalid_json")
     fault = sim.fault_for(request, body)
     record.fault = fault.spec()
+    spelling = misbehave.key_spelling(sim.api_key, fault.key_escaped)
+    if fault.echo_key_header:
+        request[ECHO_HEADERS] = misbehave.echo_headers(spelling)
     if fault.latency_ms:
         await asyncio.sleep(fault.latency_ms / 1000)
     if fault.reset:
         _reset_connection(request)
         record.finish(None, "reset")
         return web.Response()
+    if fault.not_http:
+        misbehave.not_http(request)
+        record.finish(None, "not_http")
+        return web.Response()  # the connection is closed: aiohttp drops it
     if fault.status:
-        error = errors.for_status(fault.status, fault.retry_after)
-        if fault.echo_key:
-            error.message = "Incorrect API key provided: " + request.headers.get("Authorization", "").partition(" ")[2]
-        raise error
+        return await _error(request, fault, record, spelling)
     if fault.garbage:
         record.finish(200, "garbage")
         return web.Response(body=_GARBAGE, content_type="application/json")
 
     call, pictures = await asyncio.to_thread(_parse_and_load, body)
-    reply = Reply(call.model)
-    answer = inputs.describe(pictures) if call.vision else ""
-    usage = None if fault.no_usage else completions.usage(call, answer)
+    reply = Reply(call.model, fault.blocked)
+    answer = inputs.describe(pictures) if call.vision and not fault.blocked else ""
+    usage = None if fault.no_usage else completions.usage(call, answer, blocked=bool(fault.blocked))
     make_image = None
-    if not call.vision:
+    if not (call.vision or fault.blocked):
         size = images.output_size(call.image_size, call.aspect_ratio, pictures)
         min_bytes = int((fault.image_mb or 0) * 1024 * 1024)
         make_image = partial(sim.renderer.data_url, call.digest, size, pictures, min_bytes)
     if call.stream:
-        return await _stream(request, fault, record, reply, call, answer, usage, make_image)
+        return await _stream(request, fault, record, reply, call, answer, usage, make_image, spelling)
 
     image_url = await asyncio.to_thread(make_image) if make_image else None
-    completion = reply.completion(answer, image_url, usage)
-    response = await asyncio.to_thread(_json, completion) if image_url else _json(completion)
+    completion = reply.completion(answer + (f" (key {misbehave.KEY_MARK})" if fault.echo_key_body else ""), image_url, usage)
+    if fault.malformed:
+        completion = misbehave.malform(completion, fault.malformed)
+    data = await asyncio.to_thread(orjson.dumps, completion) if image_url else orjson.dumps(completion)
     record.finish(200, "completed")
+    return web.Response(body=misbehave.spell(data, spelling), content_type="application/json")
+
+
+async def _error(request: web.Request, fault: Fault, record: CallRecord, spelling: bytes) -> web.StreamResponse:
+    """The ``status`` fault: the provider's error for it, maybe quoting the key, maybe in pieces."""
+    error = errors.for_status(fault.status, fault.retry_after)
+    if fault.echo_key:
+        error.message = "Incorrect API key provided: " + misbehave.KEY_MARK
+    response = error.response()
+    response.body = misbehave.spell(response.body, spelling)
+    record.finish(error.status, "error")
+    if fault.split_error_ms is not None:
+        return await misbehave.in_two_pieces(request, response, fault.split_error_ms / 1000)
     return response
 
 
@@ -167,8 +193,12 @@ async def _stream(
     answer: str,
     usage: dict[str, Any] | None,
     make_image: Callable[[], str] | None,
+    spelling: bytes,
 ) -> web.StreamResponse:
-    """Progress (or the vision answer) as text deltas, the image in one event, finish, usage."""
+    """Progress (or the vision answer) as text deltas, the image in one event, finish, usage.
+
+    The stream faults that are about content go after the progress text: a malformed event,
+    the key in a delta, or an error event that quotes the key and ends the stream."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     events = EventStream(request, response, fault)
@@ -176,8 +206,17 @@ async def _stream(
     try:
         await events.comment("PROCESSING")
         pieces = completions.split_text(answer) if call.vision else completions.PROGRESS_TEXT
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(() if fault.blocked else pieces):
             await events.send(reply.chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}))
+        if fault.malformed:
+            await events.send(misbehave.malformed_chunk(reply.chunk({}), fault.malformed))
+        if fault.echo_key_stream:
+            await events.send(reply.chunk({"content": f" (key {misbehave.KEY_MARK})"}), spelling)
+        if fault.echo_key_stream_error:
+            await events.send(misbehave.stream_error(), spelling)
+            await events.end()
+            record.finish(200, "stream_error")
+            return response
         if make_image is not None:
             image_url = await asyncio.to_thread(make_image)
             await events.send(reply.chunk({"images": completions.image_parts(image_url)}))

@@ -36,9 +36,11 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def usage(call: ChatCall, answer_text: str) -> dict[str, Any]:
+def usage(call: ChatCall, answer_text: str, blocked: bool = False) -> dict[str, Any]:
+    """Tokens of one answer; a safety-blocked one has no image but is billed its prompt (and
+    its thinking), as API.md says."""
     prompt = max(1, _text_tokens(call.text)) + _TOKENS_PER_INPUT_IMAGE * len(call.images)
-    image = 0 if call.vision else _IMAGE_TOKENS[call.image_size]
+    image = 0 if call.vision or blocked else _IMAGE_TOKENS[call.image_size]
     reasoning = 700 + int.from_bytes(call.digest[-2:], "big") % 201
     completion = image + reasoning + _text_tokens(answer_text)
     return {
@@ -77,12 +79,15 @@ def split_text(text: str, parts: int = 3) -> list[str]:
 
 
 class Reply:
-    """One answer's identity (id, created, model), shared by its JSON body or all its chunks."""
+    """One answer's identity (id, created, model) and how it finished, shared by its JSON body
+    or all its chunks. ``blocked`` is a safety reason (``IMAGE_SAFETY``...): the answer then
+    finishes ``content_filter`` with that ``native_finish_reason``."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, blocked: str | None = None) -> None:
         self.id = "chatcmpl_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
+        self.finish = ("content_filter", blocked) if blocked else ("stop", "STOP")
 
     def completion(self, content: str, image_url: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The non-streaming answer; ``usage`` None leaves the key out (the ``no_usage`` fault)."""
@@ -100,8 +105,8 @@ class Reply:
         choice = {
             "index": 0,
             "message": message,
-            "finish_reason": "stop",
-            "native_finish_reason": "STOP",
+            "finish_reason": self.finish[0],
+            "native_finish_reason": self.finish[1],
             "logprobs": None,
         }
         body = {
@@ -123,8 +128,8 @@ class Reply:
         return self._chunk([self._choice(delta, None, None)])
 
     def final_chunk(self, usage: dict[str, Any] | None) -> dict[str, Any]:
-        """The ``finish_reason: "stop"`` chunk; carries usage unless it goes in its own chunk."""
-        chunk = self._chunk([self._choice({}, "stop", "STOP")])
+        """The chunk with the finish reason; carries usage unless it goes in its own chunk."""
+        chunk = self._chunk([self._choice({}, *self.finish)])
         if usage is not None:
             chunk["usage"] = usage
         return chunk

@@ -45,6 +45,18 @@ def _megabytes(name: str, text: str) -> float:
     return value
 
 
+def _one_of(*options: str):
+    def parse_option(name: str, text: str) -> str:
+        if text not in options:
+            raise ValueError(f"{name} must be one of {', '.join(options)}")
+        return text
+
+    return parse_option
+
+
+MALFORMED = ("choices", "message", "images")
+BLOCK_REASONS = ("IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "SAFETY")
+
 # item name -> value parser; the bare flags are the bool fields of Fault.
 _VALUE_ITEMS = {
     "latency_ms": _count,
@@ -54,8 +66,14 @@ _VALUE_ITEMS = {
     "hold_ms": _count,
     "drip_ms": _count,
     "image_mb": _megabytes,
+    "malformed": _one_of(*MALFORMED),
+    "split_error_ms": _count,
+    "blocked": _one_of(*BLOCK_REASONS),
 }
-_FLAGS = ("reset", "garbage", "no_usage", "echo_key")
+_FLAGS = (
+    "reset", "garbage", "no_usage", "echo_key", "not_http", "echo_key_header", "echo_key_body",
+    "echo_key_stream", "echo_key_stream_error", "key_escaped",
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,15 @@ class Fault:
     image_mb: float | None = None
     no_usage: bool = False
     echo_key: bool = False  # with status: the error message quotes the key, as some providers do
+    not_http: bool = False
+    malformed: str | None = None
+    split_error_ms: int | None = None
+    blocked: str | None = None
+    echo_key_header: bool = False
+    echo_key_body: bool = False
+    echo_key_stream: bool = False
+    echo_key_stream_error: bool = False
+    key_escaped: bool = False
 
     def merged(self, later: Fault) -> Fault:
         """This spec overridden item by item by whatever ``later`` sets."""
@@ -86,6 +113,8 @@ class Fault:
             value = getattr(self, f.name)
             if value is True:
                 items.append(f.name)
+            elif isinstance(value, str):
+                items.append(f"{f.name}={value}")
             elif _is_set(value):
                 items.append(f"{f.name}={number_text(value)}")
         return ";".join(items)

@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from .faults import Fault
+from .misbehave import KEY_MARK, spell
 
 
 class StreamCut(Exception):
@@ -33,8 +34,20 @@ class EventStream:
     async def comment(self, text: str) -> None:
         await self._response.write(f": {text}\n\n".encode())
 
-    async def send(self, event: dict[str, Any]) -> None:
-        await self._write(b"data: " + orjson.dumps(event) + b"\n\n")
+    async def send(self, event: dict[str, Any], key_spelling: bytes | None = None) -> None:
+        """One ``data:`` event. With ``key_spelling``, the key is written in at ``KEY_MARK`` and
+        the event goes out in two writes split inside the key, as a chunk boundary may fall."""
+        data = b"data: " + orjson.dumps(event) + b"\n\n"
+        if key_spelling is None:
+            await self._write(data)
+            return
+        split = data.index(KEY_MARK.encode()) + len(key_spelling) // 2
+        data = spell(data, key_spelling)
+        await self._write(data[:split], data[split:])
+
+    async def end(self) -> None:
+        """The end of the body without ``[DONE]``, as after a mid-stream error event."""
+        await self._response.write_eof()
 
     async def done(self) -> None:
         """``data: [DONE]`` and the end of the body (unless ``cut_after`` ends it first)."""
@@ -44,11 +57,12 @@ class EventStream:
         await self._response.write(b"data: [DONE]\n\n")
         await self._response.write_eof()
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, *parts: bytes) -> None:
         if self._cut_after is not None and self.sent >= self._cut_after:
             self._cut()
         await self._pace()
-        await self._response.write(data)
+        for part in parts:
+            await self._response.write(part)
         self.sent += 1
 
     async def _pace(self) -> None:

@@ -5,7 +5,8 @@ a retry really reached the upstream twice, that a client disconnect cancelled th
 request, or that a concurrency limit held (``peak_inflight`` per ``user`` group).
 
 A call ends with one outcome: ``completed`` (a whole 200 answer), ``error`` (a JSON error,
-injected or real), ``reset`` / ``garbage`` / ``cut`` (the fault of that name), or
+injected or real), ``reset`` / ``not_http`` / ``garbage`` / ``cut`` (the fault of that name),
+``stream_error`` (the ``echo_key_stream_error`` fault's final error event), or
 ``cancelled`` (the client went away: the handler got ``CancelledError``, or, on a runner
 without ``handler_cancellation``, its next write found the connection gone).
 """

@@ -1,10 +1,15 @@
 """The upstream key never reaches a client or a log line; the client's key never goes upstream."""
 from __future__ import annotations
 
+import codecs
 import logging
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+
+from tests.fixtures.simulator import sse_events
 
 MODEL = "google/gemini-3-pro-image-preview"
 
@@ -63,3 +68,74 @@ async def test_no_response_or_log_line_carries_a_key(start_gateway, simulator, c
     everything = "\n".join(seen) + caplog.text
     assert simulator.api_key not in everything
     assert gw.key() not in everything
+
+
+# A provider that echoes the key, raw or JSON-escaped, wherever it can (see gateway.simulator).
+ECHOES = [
+    pytest.param("echo_key_header", False, id="header-json"),
+    pytest.param("echo_key_header", True, id="header-sse"),
+    pytest.param("status=400;echo_key_header", False, id="header-error"),
+    pytest.param("status=400;echo_key", False, id="error-body-json"),
+    pytest.param("status=400;echo_key", True, id="error-body-sse"),
+    pytest.param("echo_key_body", False, id="200-body"),
+    pytest.param("echo_key_stream", True, id="stream-content"),
+    pytest.param("echo_key_stream_error", True, id="stream-error-event"),
+]
+
+
+def decoded_strings(value: Any):
+    """Every string in a decoded JSON value, object keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from decoded_strings(item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield name
+            yield from decoded_strings(item)
+
+
+def unescaped(text: str) -> str:
+    """``text`` with JSON's backslash escapes undone, for text that is not a JSON document."""
+    return codecs.decode(text.replace("\\/", "/"), "unicode_escape")
+
+
+def assert_no_key(key: str, headers, raw: bytes) -> list[Any]:
+    """No header, body byte, JSON string or SSE event holds ``key``, raw or escaped; returns
+    the body's JSON documents (the body, or each stream event) to assert on."""
+    for name, value in headers.items():
+        assert key not in value and key not in unescaped(value), f"header {name}: {value}"
+    text = raw.decode()
+    assert key not in text and key not in unescaped(text)
+    payloads = [event[len(b"data: "):] for event in sse_events(raw) if event.startswith(b"data: ")] if raw.startswith(b":") else [raw]
+    documents = [orjson.loads(p) for p in payloads if p != b"[DONE]"]  # still valid JSON after redaction
+    for document in documents:
+        assert not [s for s in decoded_strings(document) if key in s]
+    return documents
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+@pytest.mark.parametrize("fault,stream", ECHOES)
+async def test_a_provider_echoing_the_key_never_shows_it_to_the_client(start_gateway, simulator, fault, stream, escaped):
+    gw = await start_gateway(upstream={"max_retries": 0})
+    spec = fault + (";key_escaped" if escaped else "")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.url + "/v1/chat/completions", json=body(stream=stream, sim_fault=spec), headers=gw.headers()) as resp:
+            raw = await resp.read()
+            status, headers = resp.status, resp.headers
+    documents = assert_no_key(simulator.api_key, headers, raw)
+    if fault.startswith("status="):
+        message = documents[0]["error"]["message"]
+        assert status == 400 and message == ("Incorrect API key provided: [redacted]" if fault.endswith("echo_key") else "Invalid request.")
+    elif fault == "echo_key_stream_error":  # the provider's error event, relayed without the key
+        errors = [d["error"]["message"] for d in documents if "error" in d]
+        assert status == 200 and errors[0] == "Upstream model error (key [redacted])."
+    elif stream:
+        assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+        assert any(d["choices"] and d["choices"][0]["delta"].get("images") for d in documents)
+    else:
+        assert status == 200 and len(documents[0]["choices"][0]["message"]["images"]) == 1
+    if fault in ("echo_key_body", "echo_key_stream"):
+        content = "".join(d["choices"][0]["message"]["content"] if "message" in d["choices"][0] else d["choices"][0]["delta"].get("content") or "" for d in documents if d.get("choices"))
+        assert content.endswith(" (key [redacted])")

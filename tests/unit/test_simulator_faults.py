@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -204,7 +205,9 @@ async def test_a_server_wide_latency_is_overridable_per_request():
             assert response.status == 200
 
 
-@pytest.mark.parametrize("spec", ["status=200", "lag_ms=5", "latency_ms=-1", "cut_after", "reset=1", "image_mb=x"])
+@pytest.mark.parametrize(
+    "spec", ["status=200", "lag_ms=5", "latency_ms=-1", "cut_after", "reset=1", "image_mb=x", "malformed=usage", "blocked=STOP"]
+)
 async def test_a_malformed_fault_is_a_400_naming_the_item(simulator, spec):
     async with post(simulator, body(), spec) as response:
         assert response.status == 400
@@ -223,6 +226,8 @@ def test_fault_specs_round_trip_and_merge():
     merged = fault.merged(faults.parse("status=503;cut_after=0;latency_ms=0"))
     assert merged.spec() == "latency_ms=0;status=503;retry_after=1.5;cut_after=0;no_usage"
     assert faults.parse("") == faults.NO_FAULT and faults.NO_FAULT.spec() == ""
+    named = faults.parse("blocked=IMAGE_SAFETY;malformed=images;not_http;split_error_ms=5")
+    assert faults.parse(named.spec()) == named and named.blocked == "IMAGE_SAFETY"
 
 
 async def test_the_stats_record_every_request_including_failed_ones(simulator):
@@ -273,3 +278,167 @@ async def test_a_client_leaving_mid_stream_counts_as_cancelled_even_without_hand
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
     finally:
         await runner.cleanup()
+
+
+# The misbehaving provider: the key echoed, malformed 200s, non-HTTP replies, errors in pieces.
+
+
+def key_spellings(escaped: bool) -> tuple[bytes, bytes]:
+    """(what must appear on the wire, what must not): the escaped spelling hides the raw key."""
+    raw = API_KEY.encode()
+    return (b"\\u", raw) if escaped else (raw, b"\\u")
+
+
+def json_string(text: str) -> str:
+    """A header value that holds a JSON-escaped spelling, decoded as JSON would."""
+    return orjson.loads(b'"' + text.encode() + b'"')
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+async def test_echo_key_quotes_the_key_in_the_error_body(simulator, escaped):
+    present, absent = key_spellings(escaped)
+    async with post(simulator, body(), "status=400;echo_key" + (";key_escaped" if escaped else "")) as response:
+        raw = await response.read()
+        assert response.status == 400
+    assert present in raw and absent not in raw
+    assert orjson.loads(raw)["error"]["message"] == "Incorrect API key provided: " + API_KEY
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+@pytest.mark.parametrize("stream,extra,status", [(False, "", 200), (True, "", 200), (False, ";status=503", 503)], ids=["json", "sse", "error"])
+async def test_echo_key_header_puts_the_key_in_headers_of_every_answer(simulator, escaped, stream, extra, status):
+    fault = "echo_key_header" + (";key_escaped" if escaped else "") + extra
+    async with post(simulator, body(stream=stream), fault) as response:
+        await response.read()
+        headers = response.headers
+    assert response.status == status
+    assert json_string(headers["X-Debug-Authorization"]) == "Bearer " + API_KEY
+    assert json_string(headers["OpenAI-Model"]).endswith("key=" + API_KEY)
+    assert (API_KEY in headers["X-Debug-Authorization"]) is not escaped
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+async def test_echo_key_body_quotes_the_key_in_a_200_json_answer(simulator, escaped):
+    present, absent = key_spellings(escaped)
+    async with post(simulator, body(), "echo_key_body" + (";key_escaped" if escaped else "")) as response:
+        raw = await response.read()
+        assert response.status == 200
+    assert present in raw and absent not in raw
+    message = orjson.loads(raw)["choices"][0]["message"]
+    assert message["content"] == f" (key {API_KEY})" and len(message["images"]) == 1
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+async def test_echo_key_stream_quotes_the_key_in_a_content_delta(simulator, escaped):
+    present, absent = key_spellings(escaped)
+    async with post(simulator, body(stream=True), "echo_key_stream" + (";key_escaped" if escaped else "")) as response:
+        raw = await response.read()
+    assert present in raw and absent not in raw
+    data = sse_data(raw)
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in data[:-1] if chunk["choices"])
+    assert text == f"Generating your image... (key {API_KEY})" and data[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+async def test_echo_key_stream_error_ends_the_stream_with_an_error_event_quoting_the_key(simulator, escaped):
+    present, absent = key_spellings(escaped)
+    async with post(simulator, body(stream=True), "echo_key_stream_error" + (";key_escaped" if escaped else "")) as response:
+        raw = await response.read()  # a clean end of the body, no [DONE]
+        assert response.status == 200
+    assert present in raw and absent not in raw
+    *progress, last = sse_data(raw)
+    assert len(progress) == 3 and "[DONE]" not in progress
+    assert last["error"]["message"] == f"Upstream model error (key {API_KEY})."
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert (await simulator.stats())["requests"][-1]["outcome"] == "stream_error"
+
+
+@pytest.mark.parametrize(
+    "kind,check",
+    [
+        ("choices", lambda answer: answer["choices"] == 1),
+        ("message", lambda answer: answer["choices"][0]["message"] == "not an object"),
+        ("images", lambda answer: answer["choices"][0]["message"]["images"] == 5),
+    ],
+)
+async def test_malformed_json_answers_are_200s_of_the_wrong_shape(simulator, kind, check):
+    async with post(simulator, body(), f"malformed={kind}") as response:
+        assert response.status == 200
+        assert check(await response.json())
+
+
+@pytest.mark.parametrize(
+    "kind,check",
+    [
+        ("choices", lambda event: event == {"choices": 1}),
+        ("message", lambda event: event["choices"][0]["delta"] == "not an object"),
+        ("images", lambda event: event["choices"][0]["delta"] == {"images": 5}),
+    ],
+)
+async def test_a_malformed_stream_event_comes_after_the_progress_text_then_the_rest(simulator, kind, check):
+    async with post(simulator, body(stream=True), f"malformed={kind}") as response:
+        raw = await response.read()
+    data = sse_data(raw)
+    assert [c["choices"][0]["delta"]["content"] for c in data[:3]] == ["Generating ", "your image", "..."]
+    assert check(data[3])
+    [image] = data[4]["choices"][0]["delta"]["images"]  # then the answer goes on as usual
+    assert image["image_url"]["url"].startswith("data:image/jpeg") and data[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_safety_blocked_answer_has_no_image_and_says_why(simulator, stream):
+    async with post(simulator, body(stream=stream), "blocked=IMAGE_SAFETY") as response:
+        assert response.status == 200
+        if stream:
+            data = sse_data(await response.read())
+            assert data[-1] == "[DONE]" and not any(c["choices"][0]["delta"] for c in data[:-1])
+            choice, usage = data[-2]["choices"][0], data[-2]["usage"]
+        else:
+            answer = await response.json()
+            choice, usage = answer["choices"][0], answer["usage"]
+            assert choice["message"]["images"] == [] and choice["message"]["content"] == ""
+    assert (choice["finish_reason"], choice["native_finish_reason"]) == ("content_filter", "IMAGE_SAFETY")
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens_details"]["image_tokens"] == 0
+
+
+async def raw_exchange(sim: RunningSimulator, fault: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A chat request written by hand on a fresh socket, so the reply is seen as bytes."""
+    payload = orjson.dumps(body())
+    reader, writer = await asyncio.open_connection(*sim.url.removeprefix("http://").split(":"))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {API_KEY}\r\nX-Sim-Fault: {fault}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def test_not_http_answers_bytes_that_are_no_http_then_closes(simulator):
+    reader, writer = await raw_exchange(simulator, "not_http")
+    reply = await reader.read()  # to EOF: the simulator closed the connection
+    writer.close()
+    assert reply and not reply.startswith(b"HTTP/")
+    with pytest.raises(aiohttp.ClientResponseError):  # what an HTTP client makes of it
+        async with post(simulator, body(), "not_http") as response:
+            await response.read()
+    stats = await simulator.stats()
+    assert stats["calls"] == 2 and stats["outcomes"] == {"not_http": 2}  # received, then refused
+
+
+async def test_reset_counts_the_request_it_received(simulator):
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with post(simulator, body(), "reset") as response:
+            await response.read()
+    stats = await simulator.stats()
+    assert (stats["calls"], stats["outcomes"]) == (1, {"reset": 1})
+
+
+async def test_split_error_ms_sends_the_error_body_in_two_pieces(simulator):
+    async with post(simulator, body(), "status=502;split_error_ms=1000") as response:
+        assert response.status == 502
+        first = await response.content.readany()  # what arrived with the headers
+        rest = await response.read()
+    whole = first + rest
+    assert 0 < len(first) <= len(whole) // 2 and len(whole) == response.content_length
+    assert orjson.loads(whole)["error"]["code"] == "bad_gateway"
