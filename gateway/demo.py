@@ -65,7 +65,7 @@ def run_demo(port: int) -> int:
 
 async def _demo(port: int, configure_logging) -> int:
     from gateway.http.app import create_app
-    from gateway.server import stop_on_signals
+    from gateway.server import GatewayRunner, stop_on_signals
     from gateway.simulator import create_app as create_simulator
 
     stop = stop_on_signals()
@@ -77,7 +77,7 @@ async def _demo(port: int, configure_logging) -> int:
     sim_url = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
     config = demo_config(port, sim_url, sim_key, team_key)
     configure_logging(config.logging)
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(create_app(config))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     bound = runner.addresses[0][1]

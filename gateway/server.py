@@ -3,6 +3,10 @@
 Workers share the port with SO_REUSEPORT and the metrics through prometheus_client's
 multiprocess directory, which the supervisor prepares before any worker starts and keeps
 across worker restarts (so counters never go backwards).
+
+Each connection is served by ``GatewayProtocol``, aiohttp's own with the gateway's rules at
+the edge, where no handler runs: malformed HTTP gets the provider's JSON error shape and one
+log line without its bytes, and a client that stalls mid-request is cut off.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Config
+from gateway.errors import GatewayError, InvalidRequest, error_response
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
 
 async def _serve_forever(app: web.Application, host: str, port: int, reuse_port: bool) -> int:
     # handler_cancellation: a client that goes away cancels its handler, and so its upstream call.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = GatewayRunner(app, shutdown_timeout=SHUTDOWN_GRACE_S)
     stop = stop_on_signals()
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
@@ -61,6 +68,130 @@ async def _serve_forever(app: web.Application, host: str, port: int, reuse_port:
     await stop.wait()
     await runner.cleanup()
     return 0
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` serving each connection with ``GatewayProtocol``; a client that goes away
+    cancels its handler (and so its upstream call); aiohttp's access log is off (the gateway
+    writes its own)."""
+
+    def __init__(self, app: web.Application, **kwargs) -> None:
+        from gateway.http.state import CONFIG  # not at import: run_worker sets up metrics first
+
+        kwargs = {"handler_cancellation": True, "access_log": None, **kwargs}
+        super().__init__(app, read_timeout_s=app[CONFIG].server.read_timeout_s, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp has no public way to choose the protocol class: the runner's server factory
+        # (after the app's startup) is the one place, and web.Server keeps the protocol's kwargs.
+        plain = await super()._make_server()
+        return _GatewayServer(plain.request_handler, request_factory=plain.request_factory,
+                              handler_cancellation=plain.handler_cancellation, **plain._kwargs)
+
+
+class _GatewayServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+# What a client did wrong, by aiohttp's parser error (first match); never the bytes themselves.
+_MALFORMED = (
+    (http_exceptions.LineTooLong, "The request line or a header is too long."),
+    (http_exceptions.BadStatusLine, "The request line is not valid HTTP."),
+    (http_exceptions.InvalidURLError, "The request's URL is not valid."),
+    (http_exceptions.PayloadEncodingError, "The request body's framing (Content-Length or chunked encoding) is not valid."),
+    (http_exceptions.HttpProcessingError, "The request is not valid HTTP: a header or the body's framing holds "
+                                          "a byte it may not."),
+)
+
+
+class GatewayProtocol(RequestHandler):
+    """One client connection. Two rules where aiohttp has no hook but this class:
+
+    - Malformed HTTP (aiohttp's parser refused it before any handler ran) is answered in the
+      provider's JSON error shape. aiohttp would answer text/plain quoting the bytes and log a
+      traceback quoting them too (an ``Authorization`` header included): here the log gets one
+      line naming the kind of error, never a byte of the request.
+    - Reads time out: a client that sends part of its headers, or part of a body the handler is
+      reading, and then nothing for ``read_timeout_s`` is cut off; the handler gets a 408 to
+      answer (``Connection: close``). The idle time between requests stays aiohttp's keep-alive.
+
+    Both read the base class's state (``_waiter``, ``_current_request``, ...) of aiohttp 3.14;
+    tests/faults/test_malformed_http.py and tests/e2e/test_http.py hold the behaviour.
+    """
+
+    __slots__ = ("_read_timeout_s", "_read_by", "_read_timer", "_partial_head")
+
+    def __init__(self, manager: web.Server, *, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self._read_timeout_s = read_timeout_s
+        self._read_by = 0.0  # loop time the next byte is due by, when one is awaited
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._partial_head = False  # bytes of a request's head came, the head is not complete
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiter = self._waiter  # pending: no request yet, so these bytes began an unfinished head
+        self._partial_head = bool(data) and waiter is not None and not waiter.done()
+        self._read_by = self._loop.time() + self._read_timeout_s
+        if self._read_timer is None:  # one timer per connection, moved on lazily (as keep-alive's)
+            self._read_timer = self._loop.call_at(self._read_by, self._check_read)
+
+    def _check_read(self) -> None:
+        self._read_timer = None
+        if self.transport is None or self._force_close or self._close:
+            return
+        now = self._loop.time()
+        if self._reading_paused or self._buffer_paused:  # the gateway is not reading: not the client's stall
+            self._read_by = now + self._read_timeout_s
+        if now < self._read_by:
+            self._read_timer = self._loop.call_at(self._read_by, self._check_read)
+            return
+        waiter, request = self._waiter, self._current_request
+        if self._partial_head and waiter is not None and not waiter.done():
+            log.info("closed a connection whose request head stalled for %ss", self._read_timeout_s)
+            self.force_close()
+        elif request is not None and not request.content.is_eof():
+            log.info("a request body stalled for %ss; answering 408 and closing", self._read_timeout_s)
+            if request.writer.output_size:  # the answer has begun: nothing else can be said
+                self.force_close()
+                return
+            self._lingering_time = 0.0  # no more reading once the 408 is out: close
+            self.close()
+            timeout = InvalidRequest(f"No byte of the request body came for {self._read_timeout_s:g} s.",
+                                     code="request_timeout", headers={"Connection": "close"})
+            timeout.status = 408
+            request.content.set_exception(timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: the answer has begun, the connection is broken
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        request_id, kind = uuid.uuid4().hex, type(exc).__name__ if exc else "-"
+        if status < 500:
+            log.info("refused a malformed HTTP request with %s (%s), request %s", status, kind, request_id)
+            err: GatewayError = InvalidRequest(
+                next((text for cls, text in _MALFORMED if isinstance(exc, cls)), "The request is not valid HTTP."))
+            err.status = status
+        else:
+            log.error("a request failed outside the gateway's handler (%s), request %s", kind, request_id)
+            err = GatewayError("The gateway failed to handle this request.")
+        response = error_response(err, {"x-request-id": request_id})
+        response.force_close()
+        return response
+
+    def log_exception(self, message: str, *args, exc_info: BaseException | None = None, **kwargs) -> None:
+        """aiohttp's error lines, without the traceback: an exception's text may quote the request."""
+        if isinstance(exc_info, web.RequestPayloadError):  # met again while draining the body: the client's doing
+            log.info("stopped reading a request body that could not be decoded")
+            return
+        log.error("%s (%s)", message % args if args else message, type(exc_info).__name__ if exc_info else "-")
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -21,7 +21,7 @@ from gateway.limits.ledger import team_usage_report
 from gateway.limits.limiter import Limiter
 from gateway.observability.metrics import Metrics
 from gateway.http.chat import chat_completions
-from gateway.http.record import RequestRecord
+from gateway.http.record import Phase, RequestRecord
 from gateway.http.state import AUTH, CACHE, CLOCK, CONFIG, LIMITER, METRICS, RECORD, STORE, UPSTREAM
 from gateway.upstream.client import Upstream
 
@@ -72,11 +72,13 @@ def _resources(injected_store: Any, clock: Callable[[], float] | None):
         await upstream.start()
         app[STORE] = store
         app[UPSTREAM] = upstream
-        app[LIMITER] = Limiter(store, config, on_error=config.store.on_error, metrics=metrics, clock=clock)
+        app[LIMITER] = limiter = Limiter(store, config, on_error=config.store.on_error, metrics=metrics, clock=clock)
+        limiter.start()  # renews leases, retries failed settles
         app[CACHE] = Cache(store, **({"clock": clock} if clock else {}))
         try:
             yield
         finally:
+            await limiter.close()
             await upstream.close()
             if injected_store is None:
                 await store.close()
@@ -102,27 +104,37 @@ async def gateway_middleware(request: web.Request, handler) -> web.StreamRespons
         if exc.status < 400:
             raise
         response = _error(rec, _http_error(exc))
+    except web.RequestPayloadError:  # aiohttp could not decode the body (chunks, gzip) as it was read
+        response = _error(rec, InvalidRequest("The request body could not be read: its chunked or content "
+                                              "encoding is not valid."))
     except asyncio.CancelledError:
-        rec.status = 499  # the client went away; nobody reads a response now
+        _client_gone(rec)
         _observe(request, rec)
         raise
     except ConnectionResetError:  # the client went away and a write found out
-        rec.status = 499
+        _client_gone(rec)
         _observe(request, rec)
         return web.Response(status=499)  # aiohttp drops it quietly on the closed transport
     except Exception:
         log.exception("unhandled error (request %s)", rec.request_id)
         response = _error(rec, GatewayError("The gateway failed to handle this request."))
     rec.status = response.status
+    if type(response) is web.Response:  # a whole body, written by aiohttp after this returns
+        rec.bytes_out += response.content_length or 0
     _observe(request, rec)
     return response
 
 
+def _client_gone(rec: RequestRecord) -> None:
+    """A client that leaves before the last byte is a 499; one that leaves after it (curl closes
+    at once) got its answer, and the status it was sent stays (noted when the answer started)."""
+    if rec.phase < Phase.ANSWER_FINISHED:
+        rec.status = 499
+
+
 def _error(rec: RequestRecord, err: GatewayError) -> web.Response:
     rec.error_code = err.code
-    response = error_response(err)
-    rec.bytes_out += len(response.body or b"")
-    return response
+    return error_response(err)
 
 
 def _http_error(exc: web.HTTPException) -> GatewayError:
@@ -154,7 +166,7 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
 
 
 async def list_models(request: web.Request) -> web.Response:
-    request.app[AUTH].team(request)
+    request[RECORD].team = request.app[AUTH].team(request).name
     created = int(time.time())
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": model.id.split("/", 1)[0] if "/" in model.id else "gateway"}

@@ -18,6 +18,15 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+def _digest(token: str) -> str | None:
+    """The key's hash; None for a header that is not UTF-8 (aiohttp keeps such bytes as
+    surrogates), which no key can be."""
+    try:
+        return hash_key(token)
+    except UnicodeEncodeError:
+        return None
+
+
 class Authenticator:
     def __init__(self, config: Config) -> None:
         self._teams = {h: team for team in config.teams for h in team.key_hashes}
@@ -25,7 +34,7 @@ class Authenticator:
 
     def team(self, request: web.Request) -> Team:
         token = bearer_token(request)
-        team = self._teams.get(hash_key(token)) if token else None
+        team = self._teams.get(_digest(token)) if token else None
         if team is None:
             raise AuthenticationFailed(
                 "Invalid API key. Send your team's key as 'Authorization: Bearer <key>'."
@@ -38,6 +47,6 @@ class Authenticator:
         token = bearer_token(request)
         if not token:
             raise AuthenticationFailed("Missing API key. Admin routes need 'Authorization: Bearer <admin key>'.")
-        digest = hash_key(token)
+        digest = _digest(token) or ""
         if not any(hmac.compare_digest(digest, h) for h in self._admin):
             raise Forbidden("This route needs an admin key.")

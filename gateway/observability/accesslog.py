@@ -80,13 +80,13 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
 
 
 # What a line is made of, taken when the request is done (the record is the request's to change).
-_snapshot = attrgetter("request_id", "method", "path", "team", "model", "status", "error_code", "stream", "cache",
-                       "duration_s", "upstream_s", "ttfb_s", "bytes_in", "bytes_out", "usage")
+_snapshot = attrgetter("request_id", "method", "path", "team", "model", "status", "error_code", "finish_reason",
+                       "stream", "cache", "duration_s", "upstream_s", "ttfb_s", "bytes_in", "bytes_out", "usage")
 
 
 def _fields(values: tuple) -> dict[str, Any]:
-    (request_id, method, path, team, model, status, error_code, stream, cache, duration_s, upstream_s, ttfb_s,
-     bytes_in, bytes_out, u) = values
+    (request_id, method, path, team, model, status, error_code, finish_reason, stream, cache, duration_s, upstream_s,
+     ttfb_s, bytes_in, bytes_out, u) = values
     return {
         "request_id": request_id[:_MAX_STR],
         "method": method,
@@ -95,6 +95,8 @@ def _fields(values: tuple) -> dict[str, Any]:
         "model": model,
         "status": status,
         "error_code": error_code,
+        # the provider's (IMAGE_SAFETY: a 200 whose image was blocked); the provider's text: bounded
+        "finish_reason": finish_reason and finish_reason[:_MAX_STR],
         "stream": stream,
         "cache": cache,
         "duration_ms": _ms(duration_s),

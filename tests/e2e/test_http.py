@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import aiohttp
 import orjson
@@ -262,3 +263,171 @@ async def test_a_client_leaving_mid_stream_is_a_quiet_499_not_an_upstream_error(
     samples = await scraped()
     assert not any(n == "gateway_upstream_errors_total" and v for (n, _), v in samples.items())
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+# -- the edge: raw bytes a client library would not send -----------------------------------------
+
+
+async def raw_exchange(url: str, request: bytes, *, close_after: bool = True) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` on a fresh connection, read one whole response (Content-Length or
+    chunked), and close at once, as curl does."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+        if headers.get("transfer-encoding") == "chunked":
+            data = b""
+            while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                data += (await reader.readexactly(size + 2))[:-2]
+            await reader.readexactly(2)  # the last chunk's CRLF: the response's last byte
+        else:
+            data = await reader.readexactly(int(headers.get("content-length", 0)))
+        return status, headers, data
+    finally:
+        writer.close()
+
+
+def raw_request(method: str, path: str, auth: bytes, body: bytes = b"", **headers: str) -> bytes:
+    head = [f"{method} {path} HTTP/1.1".encode(), b"Host: gw", b"Authorization: " + auth,
+            *[f"{k.replace('_', '-')}: {v}".encode() for k, v in headers.items()]]
+    if body:
+        head += [b"Content-Type: application/json", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("GET", "/v1/usage"), ("POST", "/v1/chat/completions")])
+@pytest.mark.parametrize("key", [b"Bearer \xff\xfe", b"Bearer key-alpha\xc3", b"Bearer \xe9t\xe9"], ids=["ff", "cut", "latin1"])
+async def test_a_key_that_is_not_utf8_is_401_on_every_authenticated_route(gw, caplog, method, path, key):
+    status, headers, data = await raw_exchange(gw.url, raw_request(method, path, key, orjson.dumps(body())))
+    assert status == 401 and headers["content-type"].startswith("application/json")
+    assert orjson.loads(data)["error"]["code"] == "invalid_api_key"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_key_that_is_not_utf8_is_refused_on_the_admin_route(gw):
+    status, _, data = await raw_exchange(gw.url, raw_request("GET", "/admin/usage", b"Bearer \xff\xfe"))
+    assert status == 403 and orjson.loads(data)["error"]["code"] == "forbidden"
+
+
+async def test_malformed_http_is_answered_in_the_provider_shape_without_a_key_in_the_log(gw, caplog):
+    caplog.set_level(logging.DEBUG)
+    status, headers, data = await raw_exchange(gw.url, raw_request("GET", "/v1/models", b"Bearer key-alpha\x7f"))
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    error = orjson.loads(data)["error"]
+    assert error["type"] == "invalid_request_error" and "key-alpha" not in error["message"]
+    logged = "\n".join(caplog.text.splitlines())
+    assert "malformed HTTP request" in logged
+    assert "key-alpha" not in logged and "Traceback" not in logged
+
+
+# -- reads that stall ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def impatient(start_gateway):
+    return await start_gateway(server={"read_timeout_s": 0.2})
+
+
+async def stalled(url: str, sent: bytes) -> bytes:
+    """What the gateway sends, until it closes, to a client that sent ``sent`` and then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(sent)
+        return await asyncio.wait_for(reader.read(), 30)  # a guard: without the timeout this hangs
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_stalls_mid_head_is_cut_off(impatient):
+    assert await stalled(impatient.url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthoriz") == b""
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_client_that_stalls_mid_body_gets_408_and_is_cut_off(impatient, framing):
+    payload = orjson.dumps(body())
+    if framing == "length":
+        sent = raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha", payload)[:-10]
+    else:
+        sent = raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha", Transfer_Encoding="chunked",
+                           Content_Type="application/json") + b"%x\r\n%s" % (len(payload), payload[:10])
+    answer = await stalled(impatient.url, sent)
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert orjson.loads(data)["error"]["code"] == "request_timeout"
+
+
+async def test_a_slow_but_steady_client_is_not_cut_off(impatient, simulator):
+    """The timeout is between bytes, not for the whole request: each piece comes in time."""
+    payload = orjson.dumps(body())
+    host, port = impatient.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha", payload, Connection="close")
+    for i in range(0, len(request), len(request) // 4 + 1):
+        writer.write(request[i:i + len(request) // 4 + 1])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the pace of a slow client (half the timeout), not an ordering
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+# -- a response delivered whole keeps its status ---------------------------------------------------
+
+
+class SettleGate:
+    """A store whose settles wait for ``gate``: the handler is still running (settling) when the
+    client, which has every byte, closes."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def run_script(self, name, keys, args, **kw):
+        if name == "settle":
+            await self.gate.wait()
+        return await self._store.run_script(name, keys, args, **kw)
+
+
+@pytest.fixture
+async def gated(start_gateway):
+    from gateway import store as store_mod
+
+    store = SettleGate(await store_mod.connect("memory://"))
+    gw = await start_gateway(store_obj=store)
+    yield gw, store
+    store.gate.set()
+    await store.close()
+
+
+@pytest.mark.parametrize("stream, hit", [(True, False), (False, True), (True, True)], ids=["stream", "hit", "hit-stream"])
+async def test_a_response_read_whole_then_closed_at_once_keeps_its_status(gated, caplog, monkeypatch, stream, hit):
+    from gateway.observability.accesslog import ACCESS_LOGGER
+
+    monkeypatch.setattr(logging.getLogger(ACCESS_LOGGER), "propagate", True)
+    caplog.set_level(logging.INFO)
+    gw, store = gated
+    payload = orjson.dumps(body(seed=7, stream=stream))
+    if hit:  # store the entry first, settles flowing
+        store.gate.set()
+        status, headers, _ = await raw_exchange(gw.url, raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha",
+                                                                    payload, Connection="close"))
+        assert status == 200 and headers["x-cache"] == "MISS"
+        await wait_for(lambda: [r for r in caplog.records if r.name == ACCESS_LOGGER])
+        store.gate.clear()
+    status, headers, data = await raw_exchange(gw.url, raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha",
+                                                                   payload, X_Request_ID="whole-then-gone"))
+    assert status == 200 and headers["x-cache"] == ("HIT" if hit else "MISS") and data
+    # The gateway saw the client go while the request was still settling; then it may finish.
+    await wait_for(lambda: all(conn.transport is None for conn in gw.runner.server.connections))
+    store.gate.set()
+    line = await wait_for(lambda: [r.access for r in caplog.records
+                                   if r.name == ACCESS_LOGGER and r.access["request_id"] == "whole-then-gone"])
+    assert line[0]["status"] == 200
+    assert line[0]["bytes_out"] == len(data)

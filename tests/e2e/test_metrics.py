@@ -393,9 +393,35 @@ async def test_the_access_log_has_one_clean_line_per_request_matching_the_metric
     ("new key gw-design-" + "Ab3_-x" * 7 + "Q issued", ["issued key"]),
     ('{"url":"data:image/png;base64,iVBORw0KGgo"}', ["data URL"]),
     ("payload " + "iVBORw0KGgoAAAANSUhEUgAA/+" * 8, ["base64 run"]),
-], ids=["bearer", "team-key", "team-key-in-json", "upstream-key", "issued-key", "data-url", "base64-run"])
+    # what aiohttp's parser error used to log (and answer) for a key it refused: whole, or its start
+    ("    b'Authorization: Bearer key-design\\x7f'", ["team key", "bearer token"]),
+    ("Got more than 8190 bytes when reading: b'key-des...'.", ["team key"]),
+], ids=["bearer", "team-key", "team-key-in-json", "upstream-key", "issued-key", "data-url", "base64-run",
+        "aiohttp-parser-error", "part-of-a-key"])
 def test_logscan_finds_every_kind_of_leak(line, leaks):
     assert find_leaks(line) == leaks
+
+
+async def test_every_authenticated_route_is_labelled_with_its_team_and_counts_its_bytes(start_gateway, caplog,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(logging.getLogger(ACCESS_LOGGER), "propagate", True)
+    caplog.set_level(logging.INFO)
+    gw = await start_gateway(teams={"design": {}})
+    sizes = {}
+    async with aiohttp.ClientSession() as http:
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/v1/usage", None),
+                                   ("POST", "/v1/chat/completions", chat("a lighthouse"))):
+            async with http.request(method, gw.url + path, json=body, headers=gw.headers("design")) as resp:
+                assert resp.status == 200
+                sizes[path] = len(await resp.read())
+        async with http.get(gw.url + "/metrics") as resp:
+            requests = samples(parse(await resp.text()), "gateway_requests_total",
+                               "team", "model", "status", "cache", "stream")
+    lines = {r.access["path"]: r.access for r in caplog.records if r.name == ACCESS_LOGGER}
+    assert {path: (line["team"], line["bytes_out"]) for path, line in lines.items()} == {
+        path: ("design", size) for path, size in sizes.items()}
+    assert sum(v for (team, *_), v in requests.items() if team == "design") == 3
+    assert not nonzero({k: v for k, v in requests.items() if k[0] == "none"})
 
 
 @pytest.mark.parametrize("line", [

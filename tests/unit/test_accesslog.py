@@ -18,7 +18,8 @@ from gateway.config import LoggingConfig
 from gateway.http.record import RequestRecord
 from gateway.usage import Usage
 
-FIELDS = ["time", "request_id", "method", "path", "team", "model", "status", "error_code", "stream", "cache",
+FIELDS = ["time", "request_id", "method", "path", "team", "model", "status", "error_code", "finish_reason", "stream",
+          "cache",
           "duration_ms", "upstream_ms", "ttfb_ms", "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens",
           "image_tokens", "reasoning_tokens", "audio_tokens", "usage_estimated", "images_in", "images_out", "cost_usd"]
 
@@ -42,6 +43,7 @@ def configured(**kwargs) -> io.StringIO:
 def a_request(**kwargs) -> RequestRecord:
     rec = RequestRecord("3f1c9a", "POST", "/v1/chat/completions", team="design",
                         model="google/gemini-3-pro-image-preview", stream=True, cache="miss", status=200,
+                        finish_reason="STOP",
                         bytes_in=1_048_576, bytes_out=2_500_000,
                         usage=Usage(prompt=120, completion=1400, image=1120, reasoning=250, images_in=1,
                                     images_out=1, cost_usd=0.15168))
@@ -61,8 +63,8 @@ def test_json_line_holds_every_field():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
     assert line | {"time": None} == {
         "time": None, "request_id": "3f1c9a", "method": "POST", "path": "/v1/chat/completions", "team": "design",
-        "model": "google/gemini-3-pro-image-preview", "status": 200, "error_code": None, "stream": True,
-        "cache": "miss", "duration_ms": 21500.0, "upstream_ms": 21490.0, "ttfb_ms": 14250.0,
+        "model": "google/gemini-3-pro-image-preview", "status": 200, "error_code": None, "finish_reason": "STOP",
+        "stream": True, "cache": "miss", "duration_ms": 21500.0, "upstream_ms": 21490.0, "ttfb_ms": 14250.0,
         "bytes_in": 1_048_576, "bytes_out": 2_500_000, "prompt_tokens": 120, "completion_tokens": 1400,
         "image_tokens": 1120, "reasoning_tokens": 250, "audio_tokens": 0, "usage_estimated": False,
         "images_in": 1, "images_out": 1, "cost_usd": 0.15168}
@@ -75,6 +77,17 @@ def test_a_refused_request_without_usage():
     line = orjson.loads(out.getvalue())
     assert line["team"] is None and line["status"] == 401 and line["error_code"] == "invalid_api_key"
     assert line["ttfb_ms"] is None and line["prompt_tokens"] == 0 and line["cost_usd"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_safety_blocked_answer_shows_in_its_line(fmt):
+    out = configured(format=fmt)
+    write_access_log(a_request(finish_reason="IMAGE_SAFETY", usage=Usage(prompt=120, completion=0)))
+    line = out.getvalue()
+    if fmt == "json":
+        assert orjson.loads(line)["finish_reason"] == "IMAGE_SAFETY"
+    else:
+        assert " status=200 error_code=- finish_reason=IMAGE_SAFETY " in line
 
 
 def test_text_line_is_key_value_and_cannot_be_spoofed():
