@@ -2,7 +2,8 @@
 
 Every failure a client can see is a ``GatewayError``; lower-level exceptions (aiohttp client
 errors, redis errors, JSON errors) are translated into one of these at the boundary where they
-happen (``upstream.py``, ``store.py``, ``validate.py``), never further in.
+happen (``upstream/client.py``, ``store/``, ``validate.py``, ``answer.py``), never further in.
+An upstream error's ``kind`` is its label in ``gateway_upstream_errors_total``.
 
     GatewayError
     ├── InvalidRequest          400 invalid_request_error / invalid_request|invalid_json|invalid_image|
@@ -45,6 +46,9 @@ class GatewayError(Exception):
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Messages may quote header text, which aiohttp keeps as surrogates when it is not
+        # UTF-8: escape them here, once, so no answer fails to encode.
+        message = message.encode("utf-8", "backslashreplace").decode()
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -62,6 +66,10 @@ class GatewayError(Exception):
 
 class InvalidRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class AuthenticationFailed(GatewayError):
@@ -118,10 +126,12 @@ class QuotaExceeded(LimitRefused):
 
 class UpstreamUnavailable(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_unavailable"
+    kind = "disconnect"  # the seam counts a connection never made as "connect" itself
 
 
 class UpstreamBadResponse(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_bad_response"
+    kind = "bad_response"
 
 
 class StoreUnavailable(GatewayError):
@@ -134,6 +144,7 @@ class StoreUnavailable(GatewayError):
 
 class UpstreamTimeout(GatewayError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
+    kind = "timeout"
 
 
 def error_response(err: GatewayError, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -26,7 +26,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Config
-from gateway.errors import GatewayError, InvalidRequest, error_response
+from gateway.errors import GatewayError, InvalidRequest, RequestTimeout, error_response
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,8 @@ class GatewayProtocol(RequestHandler):
                 return
             self._lingering_time = 0.0  # no more reading once the 408 is out: close
             self.close()
-            timeout = InvalidRequest(f"No byte of the request body came for {self._read_timeout_s:g} s.",
-                                     code="request_timeout", headers={"Connection": "close"})
-            timeout.status = 408
+            timeout = RequestTimeout(f"No byte of the request body came for {self._read_timeout_s:g} s.",
+                                     headers={"Connection": "close"})
             request.content.set_exception(timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -5,7 +5,7 @@ for. The key is a SHA-256 over everything that shapes the output (images by the 
 decoded bytes), hash-tagged ``gw:cache:{<hex>}`` so an entry (``...:entry``) and its
 single-flight lock (``...:lock``) share one Cluster slot. The cache never fails a request: a
 store error (counted by the store) is logged here and treated as a miss. Entries and their
-rendering live in ``cache_entry``, reading a hit range by range in ``cache_read``, and
+rendering live in ``entry``, reading a hit range by range in ``read``, and
 single-flight in ``singleflight``; their public names are re-exported here, so the handler
 needs one import.
 
@@ -14,7 +14,7 @@ The handler's sequence::
     decision = decide(team, request, cache_control)
     hit = await cache.get(decision)                     # None unless decision.lookup
     if hit: serve it                                    # x-cache: HIT, age: hit[1]
-    async with cache.single_flight(decision, upstream_timeout_s) as flight:
+    async with cache.single_flight(decision, seconds_left) as flight:  # to the request's deadline
         if flight.entry: serve it as a hit              # age: flight.age_s
         else: call upstream, relay, build the entry or None;
               await flight.publish(entry)               # stores it, wakes the waiters
@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from gateway.cache.entry import CacheEntry, EntryFormatError
-# SSECollector, entry_from_json and hit_body are re-exported: the handler needs one import.
-from gateway.cache.entry import SSECollector, entry_from_json  # noqa: F401
+# SSECollector, entry_from_answer and hit_body are re-exported: the handler needs one import.
+from gateway.cache.entry import SSECollector, entry_from_answer  # noqa: F401
 from gateway.cache.read import HitReadError, StoredEntry, hit_body, open_entry  # noqa: F401
 from gateway.config import Team
 from gateway.cache.singleflight import Flight, SingleFlight

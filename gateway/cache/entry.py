@@ -9,7 +9,8 @@ the entry it started on. ``decode`` hands out memoryview slices of the stored bu
 reading an entry copies no image; ``read_head`` reads the header alone and locates the images
 (``StoredImage``) without having their bytes. A hit is rendered as a plan: literal bytes and
 image slots, whose base64 is written slice by slice, so a hit never holds the whole answer
-twice. Only complete successes become entries: ``finish_reason: stop``, and an image or some text.
+twice. Only complete successes become entries: ``finish_reason: stop``, no safety block, no error,
+and an image or some text. Entries are built from ``gateway.answer.Answer``, never the raw JSON.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import orjson
 import pybase64
+
+from gateway.answer import Answer
 
 _MAGIC = b"GWC1"
 _PREFIX = struct.Struct(">4sI")  # magic, header length
@@ -179,7 +182,7 @@ def _b64decode_lenient(text: str) -> bytes:
 
 
 class _Builder:
-    """What the JSON and SSE paths share: collect parts, then judge completeness once."""
+    """What the JSON and SSE paths share: collect the answer's parts, then judge completeness once."""
 
     def __init__(self, model: str = "") -> None:
         self.model, self.created, self.usage = model, 0, None
@@ -187,32 +190,27 @@ class _Builder:
         self.reasoning: list[str] = []
         self.images: list[CachedImage] = []
         self.finish_reason: str | None = None
-        self.broken = False  # an error event or an image we cannot keep as bytes
+        # an error event, a safety block, or an image we cannot keep as bytes
+        self.broken = False
 
-    def add_top(self, obj: dict) -> None:
-        if "error" in obj:
-            self.broken = True
-        if isinstance(obj.get("model"), str) and obj["model"]:
-            self.model = obj["model"]
-        if isinstance(obj.get("created"), int):
-            self.created = obj["created"]
-        if isinstance(obj.get("usage"), dict):
-            self.usage = obj["usage"]
-
-    def add_message(self, msg: Any) -> None:
-        if not isinstance(msg, dict):
+    def add(self, answer: Answer) -> None:
+        """One body or event; only its first choice is kept (the provider answers n = 1)."""
+        self.broken = self.broken or answer.error is not None or answer.blocked
+        self.model = answer.model or self.model
+        self.created = answer.created or self.created
+        self.usage = answer.usage if answer.usage is not None else self.usage
+        if not answer.choices:
             return
-        if isinstance(msg.get("content"), str):
-            self.content.append(msg["content"])
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        if isinstance(reasoning, str):
-            self.reasoning.append(reasoning)
-        for part in msg.get("images") or ():
+        choice = answer.choices[0]
+        self.content.append(choice.content)
+        self.reasoning.append(choice.reasoning)
+        for part in choice.images:
             image = _image_from_part(part)
             if image is None:
                 self.broken = True
             else:
                 self.images.append(image)
+        self.finish_reason = choice.finish_reason or self.finish_reason
 
     def build(self) -> CacheEntry | None:
         content = "".join(self.content)
@@ -224,41 +222,26 @@ class _Builder:
         )
 
 
-def _first_choice(obj: dict) -> dict | None:
-    choices = obj.get("choices")
-    return choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
-
-
-def entry_from_json(body: dict) -> CacheEntry | None:
-    """The entry for a non-streaming 200 body, or None when it is not a complete success."""
+def entry_from_answer(answer: Answer) -> CacheEntry | None:
+    """The entry for a non-streaming 200 answer, or None when it is not a complete success."""
     builder = _Builder()
-    builder.add_top(body)
-    choice = _first_choice(body)
-    if choice is None:
-        return None
-    builder.finish_reason = choice.get("finish_reason")
-    builder.add_message(choice.get("message"))
+    builder.add(answer)
     return builder.build()
 
 
 class SSECollector:
-    """Builds the entry from a stream's parsed ``data:`` objects, as the relay forwards them.
+    """Builds the entry from a stream's events, as the relay forwards them.
 
-    ``feed`` each JSON object in order, ``done()`` on ``data: [DONE]``, then ``finish()``: a
-    stream cut off before [DONE] or without ``finish_reason: stop`` yields None.
+    ``feed`` each event (an ``Answer``) in order, ``done()`` on ``data: [DONE]``, then
+    ``finish()``: a stream cut off before [DONE] or without ``finish_reason: stop`` yields None.
     """
 
     def __init__(self, model: str = "") -> None:
         self._b = _Builder(model)  # model: used when no chunk names one
         self._done = False
 
-    def feed(self, event: dict) -> None:
-        self._b.add_top(event)
-        choice = _first_choice(event)
-        if choice is not None:
-            self._b.add_message(choice.get("delta"))
-            if choice.get("finish_reason"):
-                self._b.finish_reason = choice["finish_reason"]
+    def feed(self, event: Answer) -> None:
+        self._b.add(event)
 
     def done(self) -> None:
         self._done = True

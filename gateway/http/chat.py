@@ -2,8 +2,14 @@
 
     auth -> validate -> admit -> cache / single-flight -> upstream -> relay -> account
 
-Each step raises a ``GatewayError`` to refuse; the middleware renders it. Accounting runs
-whatever happens after admission (success, upstream failure, the client leaving), exactly once.
+Each step raises a ``GatewayError`` to refuse; the middleware renders it. The request's phase
+(``record.Phase``) decides the rest, on every exit: once the answer has started (its status line
+went out) a failure can only end the body (a final error event, or a cut JSON body), never
+write a new status line; and what is charged follows from how far it got (nothing before the
+request may have reached the provider; from then on at least the estimate when the real usage
+is unknown). Accounting runs exactly once whatever happens after admission, cancellation
+included. One deadline per request (``upstream.timeout_s`` from admission) bounds the admission,
+the upstream attempts, their waits, the reading of the answer and the single-flight wait.
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ from aiohttp import web
 
 from gateway import cache as cache_mod
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, passthrough_headers, read_json, relay_sse, write_counted
+from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, read_json, relay_sse, write_counted
+from gateway.upstream.secrets import allowed_headers
 from gateway.upstream.sse import EventScanner
+from gateway.http.record import Phase, RequestRecord
 from gateway.http.state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM
 from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest, validate_async
@@ -25,18 +34,18 @@ log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
-# Failures once the upstream has answered (connect errors are counted where they happen).
-FAILURE_KINDS = {UpstreamBadResponse: "bad_response", UpstreamTimeout: "timeout", UpstreamUnavailable: "disconnect"}
+UPSTREAM_FAILURES = (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable)
 
 
 @dataclass(slots=True)
 class Served:
     """What the request cost, filled in as it goes, so accounting works even on cancellation."""
 
+    deadline: float  # loop time: the upstream attempts, their waits and single-flight end by then
     usage: Usage | None = None
     cached: bool = False
     scanner: EventScanner | None = None
-    started_upstream: bool = False
+    response: web.StreamResponse | None = None  # set once its status line went out
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -50,16 +59,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.model, rec.stream = chat.model.id, chat.stream
     decision = cache_mod.decide(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
     rec.cache = decision.label
-    admission = await app[LIMITER].admit(team, chat)
-    served = Served()
+    deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s  # the request's one deadline
+    admission = await app[LIMITER].admit(team, chat, deadline=deadline)
+    rec.reach(Phase.ADMITTED)
+    served = Served(deadline=deadline)
     try:
         with app[METRICS].inflight(team.name):
             return await _serve(request, chat, decision, admission.headers, served)
-    except GatewayError as err:
-        err.headers = {**admission.headers, **err.headers}  # a team sees its limits on errors too
+    except ConnectionResetError:  # the client is gone: nothing more can be written
         raise
+    except Exception as err:
+        if served.response is None:  # nothing written yet: the middleware renders the error
+            if isinstance(err, GatewayError):
+                err.headers = {**admission.headers, **err.headers}  # a team sees its limits on errors too
+            raise
+        return await _end_broken(served.response, err, rec)
     finally:
-        usage = _final_usage(chat, served)
+        usage = _final_usage(chat, served, rec.phase)
         rec.usage = Usage(images_in=usage.images_in, images_out=usage.images_out) if served.cached else usage
         await asyncio.shield(admission.settle(usage, cached=served.cached))
 
@@ -74,8 +90,8 @@ async def _serve(request, chat: ChatRequest, decision, headers: dict, served: Se
     hit = await cache.get(decision)
     if hit is not None:
         return await _serve_hit(request, chat, hit[0], hit[1], headers, served)
-    timeout = request.app[CONFIG].upstream.timeout_s
-    async with cache.single_flight(decision, timeout) as flight:
+    seconds_left = served.deadline - asyncio.get_running_loop().time()
+    async with cache.single_flight(decision, seconds_left) as flight:
         if flight.entry is not None:
             return await _serve_hit(request, chat, flight.entry, flight.age_s, headers, served)
         response, entry = await _forward(request, chat, decision, headers, served)
@@ -87,57 +103,56 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     """Call the upstream and relay its answer; return (response, cache entry or None)."""
     app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
-    # From here the provider may be generating: a client that leaves is charged the estimate.
-    served.started_upstream = True
+    resp = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id,
+                                    deadline=served.deadline, on_sent=lambda: rec.reach(Phase.SENT_UPSTREAM))
     try:
-        attempted = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id)
-    except GatewayError:
-        served.started_upstream = False  # it never reached the provider, or the provider failed it
+        return await _relay(request, chat, decision, headers, served, resp)
+    except UPSTREAM_FAILURES as err:  # the seam counted the attempts; what failed after, here
+        app[METRICS].upstream_error(err.kind)
         raise
-    rec.upstream_s += attempted.waited_s
-    try:
-        return await _relay(request, chat, decision, headers, served, attempted.response)
-    except (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable) as err:
-        app[METRICS].upstream_error(FAILURE_KINDS[type(err)])
-        raise
+    finally:
+        resp.release()
+        rec.upstream_s += resp.waited_s
 
 
-async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Served, resp):
+async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Served, resp: UpstreamResponse):
     app, rec = request.app, request[RECORD]
+    guard = app[UPSTREAM].guard
     if resp.status != 200:
         served.usage = Usage(images_in=len(chat.images))  # a refused request costs nothing
-        response = await error_passthrough(resp, app[CONFIG].upstream.api_key, rec)
+        response = await error_passthrough(resp, guard, rec)
         response.headers.update(headers)
         return response, None
-    upstream_headers = passthrough_headers(resp.headers)
+    upstream_headers = allowed_headers(resp.headers, guard.key)
     if resp.content_type == "text/event-stream":
         collector = cache_mod.SSECollector(chat.body["model"]) if decision.store else None
-        served.scanner = EventScanner(collector.feed if collector else None)
-        chunk = await first_chunk(resp, rec)
-        upstream_headers.pop("Content-Type", None)
+        scanner = served.scanner = EventScanner(collector.feed if collector else None)
+        chunk = await first_chunk(resp)
         response = web.StreamResponse(headers={**upstream_headers, **SSE_HEADERS, **headers})
-        relayed = await relay_sse(request, response, resp, chunk, rec, served.scanner)
-        if relayed.failure:
-            app[METRICS].upstream_error(relayed.failure)
-        await response.write_eof()
-        served.usage = _usage(chat, relayed.usage, relayed.images_out)
-        entry = None
-        if collector is not None and relayed.complete:
-            collector.done()
-            entry = collector.finish()
-        return response, entry
-    body, relayed = await read_json(resp, rec)
-    served.usage = _usage(chat, relayed.usage, relayed.images_out)
-    upstream_headers.pop("Content-Type", None)
+        await _start(request, response, served)
+        await relay_sse(response, resp, chunk, rec, scanner, guard.stream())
+        await _finish(response, rec)
+        served.usage = _usage(chat, scanner.usage, scanner.images_out)
+        _note_finish(rec, scanner.native_finish_reason, scanner.finish_reason)
+        if collector is None:
+            return response, None
+        collector.done()
+        return response, collector.finish()
+    body, answer = await read_json(resp, guard)
+    served.usage = _usage(chat, answer.usage, answer.images_out)
+    _note_finish(rec, answer.native_finish_reason, answer.finish_reason)
     rec.first_byte()
-    rec.bytes_out += len(body)
     response = web.Response(body=body, content_type="application/json", headers={**upstream_headers, **headers})
     entry = None
     if decision.store:  # decoding the images is CPU work: off the loop when it is big
-        build = cache_mod.entry_from_json
         big = len(body) > OFFLOAD_PARSE_BYTES
-        entry = await asyncio.to_thread(build, relayed.parsed) if big else build(relayed.parsed)
+        entry = await asyncio.to_thread(cache_mod.entry_from_answer, answer) if big else cache_mod.entry_from_answer(answer)
     return response, entry
+
+
+def _note_finish(rec: RequestRecord, native: str | None, finish: str | None) -> None:
+    """For the access log: the provider's own reason (``IMAGE_SAFETY`` says more than ``content_filter``)."""
+    rec.finish_reason = native or finish
 
 
 async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: dict, served: Served):
@@ -148,7 +163,8 @@ async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: d
     request.app[METRICS].cache_saved(rec.team, saved.total)
     headers = {**headers, "x-cache": "HIT", "age": str(int(age_s))}
     # Written in pieces: the base64 never exists whole, and a big entry is read from the store
-    # range by range as it goes out, so neither does the entry.
+    # range by range as it goes out, so neither does the entry. A HitReadError from the pieces
+    # (the entry could not be read to its end) ends the answer as any failure after its start.
     length, pieces = cache_mod.hit_body(
         entry, stream=chat.stream, request_id=rec.request_id,
         include_usage=chat.stream and bool((chat.body.get("stream_options") or {}).get("include_usage")))
@@ -158,21 +174,46 @@ async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: d
         response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         response.content_length = length
     try:
-        await response.prepare(request)
+        await _start(request, response, served)
         async for piece in pieces:
             await write_counted(response, piece, rec)
-    except cache_mod.HitReadError as err:
-        # The answer has begun: end it so that the client sees it failed. A stream gets an
-        # error event (mid-event: a blank line first, as a failed relay does); a JSON body
-        # under Content-Length can only be cut off, with the connection closed after it.
-        rec.error_code = err.code
-        log.warning("cache hit cut short, the entry could not be read to its end: %s", err)
-        if chat.stream:
-            await write_counted(response, b"\n\n" + err.sse_event(), rec)
-        else:
-            response.force_close()
     finally:
         await pieces.aclose()  # a client that left: the read in flight is cancelled
+    await _finish(response, rec)
+    return response
+
+
+async def _start(request: web.Request, response: web.StreamResponse, served: Served) -> None:
+    """Send the status line: from here only body bytes (or a final error event) may follow."""
+    rec = request[RECORD]
+    await response.prepare(request)
+    served.response = response
+    rec.status = response.status
+    rec.reach(Phase.ANSWER_STARTED)
+
+
+async def _finish(response: web.StreamResponse, rec: RequestRecord) -> None:
+    await response.write_eof()
+    rec.reach(Phase.ANSWER_FINISHED)
+
+
+async def _end_broken(response: web.StreamResponse, err: Exception, rec: RequestRecord) -> web.StreamResponse:
+    """End an answer that failed after its start so that the client sees it failed: a stream
+    gets a final error event (after a blank line: it may have been cut mid-event); a JSON body
+    under Content-Length can only be cut off, with the connection closed after it."""
+    if rec.phase >= Phase.ANSWER_FINISHED:  # every byte is out: only the log can say it
+        log.error("failure after the answer was complete (request %s)", rec.request_id, exc_info=err)
+        return response
+    if isinstance(err, GatewayError):
+        log.warning("answer cut short after it started: %s", err)
+    else:
+        log.error("unhandled error after the answer started (request %s)", rec.request_id, exc_info=err)
+        err = GatewayError("The gateway failed to finish this answer.")
+    rec.error_code = err.code
+    if response.content_type == "text/event-stream":
+        await write_counted(response, b"\n\n" + err.sse_event(), rec)
+    else:
+        response.force_close()
     await response.write_eof()
     return response
 
@@ -185,16 +226,14 @@ def _usage(chat: ChatRequest, provider_usage: dict | None, images_out: int) -> U
     )
 
 
-def _final_usage(chat: ChatRequest, served: Served) -> Usage:
-    """The usage to account: the real one, or for a request cut short, what is known of it."""
+def _final_usage(chat: ChatRequest, served: Served, phase: Phase) -> Usage:
+    """The usage to account: the real one, or for a request cut short, what its phase implies."""
     if served.usage is not None:
         return served.usage
-    if not served.started_upstream:
+    if phase < Phase.SENT_UPSTREAM:  # the provider never saw it
         return Usage(images_in=len(chat.images))
-    scanner = served.scanner
-    if scanner is not None:
-        return _usage(chat, scanner.usage, scanner.images_out)
-    return _usage(chat, None, 0)
+    scanner = served.scanner  # the provider may bill it: what the stream said, else the estimate
+    return _usage(chat, scanner.usage if scanner else None, scanner.images_out if scanner else 0)
 
 
 async def read_body(request: web.Request, limit: int) -> bytearray:

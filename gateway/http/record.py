@@ -37,6 +37,7 @@ class RequestRecord:
     status: int = 0
     phase: Phase = Phase.RECEIVED
     error_code: str | None = None
+    finish_reason: str | None = None  # the provider's: native if sent (IMAGE_SAFETY shows a safety block)
     upstream_s: float = 0.0  # time spent waiting on the upstream (excluded from overhead)
     client_wait_s: float = 0.0  # time spent waiting for the client to take bytes (likewise)
     ttfb_s: float | None = None  # from arrival to the first byte of the response body

@@ -1,13 +1,20 @@
 """The one seam to the provider: a shared keep-alive ``ClientSession``, retries, error mapping.
 
-aiohttp's exceptions stop here. What leaves this module is either an open upstream response
-(any status: the relay decides what the client sees) or a ``GatewayError``:
+aiohttp's exceptions stop here, those raised while reading a body included: what leaves this
+module is an ``UpstreamResponse`` (any status: the relay decides what the client sees) whose
+read methods raise only ``GatewayError``s, or a ``GatewayError``:
 
-    aiohttp.ClientConnectorError, ServerDisconnectedError, ... -> UpstreamUnavailable (502)
-    asyncio.TimeoutError / ServerTimeoutError                  -> UpstreamTimeout (504)
+    ClientConnectorError, ConnectionTimeoutError (never connected) -> UpstreamUnavailable (502)
+    ClientResponseError from the parser (not HTTP, bad framing)   -> UpstreamBadResponse (502)
+    ServerDisconnectedError, ClientOSError, ClientPayloadError     -> UpstreamUnavailable (502)
+    asyncio.TimeoutError / ServerTimeoutError                      -> UpstreamTimeout (504)
 
-Retries (connection errors, 429, 502, 503, 504) happen only here, and so only before the
-gateway has sent the client a single byte.
+A request the provider may have received is never sent again (it may bill each copy): only
+what cannot have started is retried: a connection never made, a 429, and a 503 that carries
+``Retry-After`` (the provider asking us to come back). Every attempt, and every wait between
+them, fits in the request's one deadline; a wait that would pass it is not taken, and the last
+answer is final. Every failed attempt is counted in ``gateway_upstream_errors_total`` here;
+failures after the answer started are counted by the handler, by the error's ``kind``.
 """
 from __future__ import annotations
 
@@ -15,36 +22,98 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from multidict import CIMultiDict
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.secrets import KeyGuard
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 8.0
 MAX_RETRY_AFTER_S = 30.0
 
 
-@dataclass(slots=True)
-class Attempted:
-    """An open upstream response and how long the upstream took to start answering."""
+def translate(exc: BaseException) -> GatewayError:
+    """The one mapping of an aiohttp or timeout error to what the client sees."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return UpstreamUnavailable("The upstream could not be reached.")
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout("The upstream did not answer in time.")
+    if isinstance(exc, aiohttp.ClientResponseError):  # the HTTP parser's: a reply that is not HTTP
+        return UpstreamBadResponse("The upstream's reply is not valid HTTP.")
+    return UpstreamUnavailable("The upstream connection broke before its answer was complete.")
 
-    response: aiohttp.ClientResponse
-    waited_s: float
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the provider: the connection was never made."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+class UpstreamResponse:
+    """An open provider answer. Reads raise only ``GatewayError``s; ``waited_s`` adds up the
+    time spent waiting on the provider (opening included), to keep it out of the overhead."""
+
+    __slots__ = ("_resp", "status", "headers", "content_type", "waited_s")
+
+    def __init__(self, resp: aiohttp.ClientResponse, waited_s: float) -> None:
+        self._resp = resp
+        self.status, self.headers, self.content_type = resp.status, resp.headers, resp.content_type
+        self.waited_s = waited_s
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return await self._wait(self._resp.read())
+
+    async def read_bounded(self, limit: int) -> bytes:
+        """The whole body, however many pieces it comes in; UpstreamBadResponse past ``limit``."""
+        body = bytearray()
+        while chunk := await self.readany():
+            body += chunk
+            if len(body) > limit:
+                raise UpstreamBadResponse(f"The upstream's HTTP {self.status} body is over {limit} bytes.")
+        return bytes(body)
+
+    async def readany(self) -> bytes:
+        """The next bytes as they came, b"" at the end."""
+        return await self._wait(self._resp.content.readany())
+
+    def release(self) -> None:
+        self._resp.release()
+
+    async def _wait(self, read) -> bytes:
+        started = time.perf_counter()
+        try:
+            return await read
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise translate(exc) from None
+        finally:
+            self.waited_s += time.perf_counter() - started
+
+
+async def _on_connection(session, ctx, params) -> None:
+    """A connection is ready and the request is about to go out: from now it may be billed."""
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx()
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(_on_connection)
+    trace.on_connection_reuseconn.append(_on_connection)
+    return trace
 
 
 class Upstream:
-    """Opens requests to the provider's chat completions endpoint."""
+    """Opens requests to the provider's chat completions endpoint; ``guard`` keeps its key in."""
 
     def __init__(self, cfg: UpstreamConfig, metrics: Any = None, *, sleep=asyncio.sleep) -> None:
         self.cfg = cfg
+        self.guard = KeyGuard(cfg.api_key)
         self.url = cfg.base_url.rstrip("/") + "/v1/chat/completions"
         self.metrics = metrics
         self._sleep = sleep
@@ -54,9 +123,9 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s, sock_connect=self.cfg.connect_timeout_s),
             auto_decompress=False,  # we ask for identity; bytes are relayed as they come
             skip_auto_headers=("User-Agent",),
+            trace_configs=[_tracing()],
         )
 
     async def close(self) -> None:
@@ -75,41 +144,51 @@ class Upstream:
             }
         )
 
-    async def open(self, body: bytes, *, request_id: str, model: str) -> Attempted:
-        """POST ``body``; retry what is retryable; return the first final response."""
+    async def open(self, body: bytes, *, request_id: str, model: str, deadline: float | None = None,
+                   on_sent: Callable[[], None] | None = None) -> UpstreamResponse:
+        """POST ``body``; retry what cannot have started; return the first final response.
+
+        ``deadline`` (``loop.time()``; default ``timeout_s`` from now) bounds the attempts, the
+        waits between them and the reading of the answer. ``on_sent`` is called each time the
+        request is about to reach the provider (a connection is ready)."""
         assert self._session is not None, "Upstream.start() was not awaited"
-        attempts = self.cfg.max_retries + 1
-        waited = 0.0
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.cfg.timeout_s
+        attempts, waited = self.cfg.max_retries + 1, 0.0
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._error("timeout", model, None)
+                raise UpstreamTimeout("The upstream did not answer in time.")
+            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, self.cfg.connect_timeout_s))
             started = time.perf_counter()
             try:
-                resp = await self._session.post(self.url, data=body, headers=self._headers(request_id))
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                resp = await self._session.post(self.url, data=body, headers=self._headers(request_id),
+                                                timeout=timeout, trace_request_ctx=on_sent)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 waited += time.perf_counter() - started
-                self._error("timeout", model, started)
-                # A whole-request timeout already spent the client's patience: never retry it.
-                if last or not isinstance(exc, aiohttp.ServerTimeoutError):
-                    raise UpstreamTimeout("The upstream did not answer in time.") from None
-            except aiohttp.ClientError:
-                waited += time.perf_counter() - started
-                self._error("connect", model, started)
-                if last:
-                    raise UpstreamUnavailable("The upstream could not be reached.") from None
-            else:
-                waited += time.perf_counter() - started
-                if resp.status in RETRY_STATUSES:
-                    self._error("status_429" if resp.status == 429 else "status_5xx", model, None)
-                if resp.status not in RETRY_STATUSES or last:
-                    self._done(model, resp.status, started)
-                    return Attempted(resp, waited)
-                delay = _retry_after(resp.headers)
-                self._done(model, resp.status, started)
-                resp.release()
-                log.info("upstream answered %s; retrying (attempt %d of %d)", resp.status, attempt + 2, attempts)
-                await self._sleep(delay if delay is not None else self._backoff(attempt))
+                err = translate(exc)
+                retry = _never_sent(exc)
+                self._error("connect" if retry else err.kind, model, started)
+                delay = self._backoff(attempt)
+                if last or not retry or loop.time() + delay >= deadline:
+                    raise err from None
+                await self._sleep(delay)
                 continue
-            await self._sleep(self._backoff(attempt))
+            waited += time.perf_counter() - started
+            self._done(model, resp.status, started)
+            if resp.status == 429 or resp.status >= 500:
+                self._error("status_429" if resp.status == 429 else "status_5xx", model, None)
+            delay = _retry_after(resp.headers)
+            retryable = resp.status == 429 or (resp.status == 503 and delay is not None)
+            delay = self._backoff(attempt) if delay is None else delay
+            if last or not retryable or loop.time() + delay >= deadline:
+                return UpstreamResponse(resp, waited)
+            resp.release()
+            log.info("upstream answered %s; retrying (attempt %d of %d)", resp.status, attempt + 2, attempts)
+            await self._sleep(delay)
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int) -> float:

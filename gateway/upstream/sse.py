@@ -2,10 +2,12 @@
 
 One ``data:`` line may carry a 30 MB image, so a line reader with a small buffer is out.
 ``EventScanner`` finds event boundaries in the chunks as they arrive and reports what the
-gateway needs from a stream: the usage, how many images went out, the finish reason, whether
-``[DONE]`` came, and an error event if the provider sent one. Events larger than ``large`` are
-*skimmed* unless the caller wants whole events (the cache does): only their head and tail are
-kept and image markers are counted on the fly, so relaying a huge event costs no second copy.
+gateway needs from a stream: the usage, how many images went out, the finish reasons, whether
+``[DONE]`` came, and an error event if the provider sent one. Whole events are read through
+``gateway.answer``: one that is not a provider event raises ``UpstreamBadResponse``. Events
+larger than ``large`` are *skimmed* unless the caller wants whole events (the cache does): only
+their head and tail are kept and image markers are counted on the fly, so relaying a huge event
+costs no second copy.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import re
 from typing import Any, Callable
 
 import orjson
+
+from gateway import answer
 
 SEPARATORS = (b"\n\n", b"\r\n\r\n")
 # Once per image in any shape the provider or OpenAI use ({"type":"image_url","image_url":{...}}),
@@ -22,6 +26,7 @@ SCAN_STEPS = 16  # newlines or quotes looked at one by one before a plain search
 HEAD_BYTES = 4096
 TAIL_BYTES = 64 * 1024
 FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z_]+)"')
+NATIVE_FINISH_RE = re.compile(rb'"native_finish_reason"\s*:\s*"([A-Za-z_]+)"')
 
 
 def event_data(event: bytes | bytearray) -> memoryview | None:
@@ -110,14 +115,16 @@ def _json_object_after(text: bytes, pos: int) -> Any:
 
 
 class EventScanner:
-    """Feed raw chunks; read ``usage``, ``images_out``, ``finish_reason``, ``done``, ``error``."""
+    """Feed raw chunks; read ``usage``, ``images_out``, ``finish_reason``, ``native_finish_reason``,
+    ``done``, ``error``."""
 
-    def __init__(self, on_event: Callable[[dict], None] | None = None, *, large: int = 1 << 20) -> None:
+    def __init__(self, on_event: Callable[[answer.Answer], None] | None = None, *, large: int = 1 << 20) -> None:
         self.on_event = on_event  # gets every parsed event; whole events are kept for it
         self.large = large
         self.usage: dict | None = None
         self.images_out = 0
         self.finish_reason: str | None = None
+        self.native_finish_reason: str | None = None
         self.done = False
         self.error: dict | None = None
         self.events = 0
@@ -157,36 +164,24 @@ class EventScanner:
                 self._buf = bytearray()
         return pending
 
-    def handle(self, payload: memoryview | None, parsed: Any = None) -> None:
-        """Record one complete event's data (``parsed`` if the caller already parsed it)."""
+    def handle(self, payload: memoryview | None) -> None:
+        """Record one complete event's data; UpstreamBadResponse if it is not a provider event."""
         if payload is None:
             return  # a comment or a field-only event
-        if parsed is None:
-            if payload == b"[DONE]":
-                self.done = True
-                return
-            try:
-                parsed = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                return  # not ours to judge; it was relayed as it came
-        if not isinstance(parsed, dict):
+        if payload == b"[DONE]":
+            self.done = True
             return
+        event = answer.loads(payload, chunk=True)
         self.events += 1
-        if isinstance(parsed.get("error"), dict):
-            self.error = parsed["error"]
-        if isinstance(parsed.get("usage"), dict):
-            self.usage = parsed["usage"]
-        for choice in parsed.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            delta = choice.get("delta") or choice.get("message") or {}
-            images = delta.get("images") if isinstance(delta, dict) else None
-            if isinstance(images, list):
-                self.images_out += len(images)
+        if event.error is not None:
+            self.error = event.error
+        if event.usage is not None:
+            self.usage = event.usage
+        self.images_out += event.images_out
+        self.finish_reason = event.finish_reason or self.finish_reason
+        self.native_finish_reason = event.native_finish_reason or self.native_finish_reason
         if self.on_event is not None:
-            self.on_event(parsed)
+            self.on_event(event)
 
     def _finish_skim(self) -> None:
         skim, self._skim = self._skim, None
@@ -200,11 +195,17 @@ class EventScanner:
                 if isinstance(usage, dict):
                     self.usage = usage
                     break
-        for text in (tail, skim.head):
-            reasons = FINISH_RE.findall(text)
-            if reasons:
-                self.finish_reason = reasons[-1].decode()
-                break
+        self.finish_reason = _last_match(FINISH_RE, tail, skim.head) or self.finish_reason
+        self.native_finish_reason = _last_match(NATIVE_FINISH_RE, tail, skim.head) or self.native_finish_reason
+
+
+def _last_match(pattern: re.Pattern, *texts: bytes) -> str | None:
+    """The last match in the first text that has one (a skimmed event's tail, then its head)."""
+    for text in texts:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].decode()
+    return None
 
 
 class _Skim:

@@ -158,7 +158,7 @@ async def _cancelled(simulator) -> bool:
 
 
 async def test_retries_happen_before_the_first_byte(gw, http, simulator):
-    await simulator.script(["status=503", "reset"])
+    await simulator.script(["status=429", "status=503;retry_after=0", ""])
     async with http.post(gw.url + "/v1/chat/completions", json=body(), headers=gw.headers()) as resp:
         assert resp.status == 200
     assert (await simulator.stats())["calls"] == 3

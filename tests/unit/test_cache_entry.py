@@ -9,6 +9,7 @@ import os
 import orjson
 import pytest
 
+from gateway.answer import parse
 from gateway.cache import entry as cache_entry_module
 from gateway.cache.entry import (
     SLICE_BYTES,
@@ -17,7 +18,7 @@ from gateway.cache.entry import (
     EntryFormatError,
     SSECollector,
     StoredImage,
-    entry_from_json,
+    entry_from_answer,
     render_json,
     render_json_chunks,
     render_sse,
@@ -39,14 +40,20 @@ def data_url(data: bytes, mime: str = "image/jpeg", wrap: bool = False) -> str:
     return f"data:{mime};base64,{b64}"
 
 
-def provider_body(*images: bytes, content: str = "", finish: str = "stop", wrap: bool = False) -> dict:
+def from_json(body: dict):
+    """The entry a non-streaming body makes, read as the relay reads it."""
+    return entry_from_answer(parse(body))
+
+
+def provider_body(*images: bytes, content: str = "", finish: str = "stop", native: str = "STOP",
+                  wrap: bool = False) -> dict:
     """A non-streaming answer exactly as the provider documents it."""
     parts = [{"type": "image_url", "index": i, "image_url": {"url": data_url(img, wrap=wrap)}}
              for i, img in enumerate(images)]
     message = {"role": "assistant", "content": content, "refusal": None, "annotations": None, "images": parts,
                "reasoning_content": "", "function_call": None, "tool_calls": None, "reasoning_details": []}
     return {"id": "chatcmpl_3ca3", "object": "chat.completion", "created": 1779778659, "model": MODEL,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "native_finish_reason": "STOP",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "native_finish_reason": native,
                          "logprobs": None}],
             "usage": USAGE, "system_fingerprint": None, "service_tier": None, "logprobs": None}
 
@@ -134,8 +141,8 @@ def test_decode_refuses_what_it_did_not_write(data):
 # ---- what becomes an entry ------------------------------------------------------------------
 
 
-def test_entry_from_json_keeps_raw_image_bytes_whatever_the_base64_wrapping():
-    e = entry_from_json(provider_body(SMALL, BIG, content="here", wrap=True))
+def test_entry_from_answer_keeps_raw_image_bytes_whatever_the_base64_wrapping():
+    e = from_json(provider_body(SMALL, BIG, content="here", wrap=True))
     assert e is not None
     assert [bytes(i.data) for i in e.images] == [SMALL, BIG]
     assert (e.model, e.content, e.usage, e.created) == (MODEL, "here", USAGE, 1779778659)
@@ -156,33 +163,33 @@ def test_provider_base64_is_decoded_as_binascii_decodes_it_leniently():
         assert outcome(cache_entry_module._b64decode_lenient, text) == outcome(lenient, text), text
 
 
-def test_entry_from_json_text_only_answer_is_an_entry():
-    e = entry_from_json(provider_body(content="A cat in a helmet."))
+def test_entry_from_answer_text_only_answer_is_an_entry():
+    e = from_json(provider_body(content="A cat in a helmet."))
     assert e is not None and e.images == () and e.content == "A cat in a helmet."
 
 
 @pytest.mark.parametrize("body", [
     provider_body(SMALL, finish="length"),
     provider_body(SMALL, finish="content_filter"),
+    provider_body(SMALL, native="IMAGE_SAFETY"),  # a safety block, even one that says "stop"
     provider_body(content=""),  # no image, no text
-    {"error": {"message": "Rate limit exceeded.", "type": "rate_limit_error", "code": "rate_limit_exceeded"}},
     {"choices": []},
 ])
-def test_entry_from_json_refuses_anything_but_a_complete_success(body):
-    assert entry_from_json(body) is None
+def test_entry_from_answer_refuses_anything_but_a_complete_success(body):
+    assert from_json(body) is None
 
 
-def test_entry_from_json_refuses_an_image_it_cannot_keep_as_bytes():
+def test_entry_from_answer_refuses_an_image_it_cannot_keep_as_bytes():
     body = provider_body(SMALL)
     body["choices"][0]["message"]["images"][0]["image_url"]["url"] = "https://example.com/cat.jpg"
-    assert entry_from_json(body) is None
+    assert from_json(body) is None
 
 
 @pytest.mark.parametrize("usage", ["last", "separate", "absent"])
 def test_collector_builds_the_entry_from_a_complete_stream(usage):
     collector = SSECollector()
     for event in provider_stream(BIG, usage=usage):
-        collector.feed(event)
+        collector.feed(parse(event, chunk=True))
     collector.done()
     e = collector.finish()
     assert e is not None
@@ -195,11 +202,11 @@ def test_collector_refuses_a_cut_off_stream():
     events = provider_stream(SMALL)
     cut = SSECollector()
     for event in events:  # every event arrived, but [DONE] never did
-        cut.feed(event)
+        cut.feed(parse(event, chunk=True))
     assert cut.finish() is None
     early = SSECollector()
     for event in events[:-1]:  # no finish_reason
-        early.feed(event)
+        early.feed(parse(event, chunk=True))
     early.done()
     assert early.finish() is None
 
@@ -207,16 +214,16 @@ def test_collector_refuses_a_cut_off_stream():
 def test_collector_refuses_a_stream_that_ends_in_an_error_event():
     collector = SSECollector()
     for event in provider_stream(SMALL)[:-1]:
-        collector.feed(event)
-    collector.feed({"error": {"message": "upstream failed", "type": "upstream_error", "code": "x"}})
-    collector.feed({"choices": [{"delta": {}, "finish_reason": "stop"}]})
+        collector.feed(parse(event, chunk=True))
+    collector.feed(parse({"error": {"message": "upstream failed", "type": "upstream_error", "code": "x"}}, chunk=True))
+    collector.feed(parse({"choices": [{"delta": {}, "finish_reason": "stop"}]}, chunk=True))
     collector.done()
     assert collector.finish() is None
 
 
 def test_collector_uses_the_model_hint_when_no_chunk_names_one():
     collector = SSECollector("google/gemini-3-pro-image-preview")
-    collector.feed({"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    collector.feed(parse({"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}, chunk=True))
     collector.done()
     assert collector.finish().model == "google/gemini-3-pro-image-preview"
 
@@ -240,7 +247,7 @@ def test_render_json_is_the_provider_shape_with_the_original_images():
     assert [part["index"] for part in message["images"]] == [0, 1]
     assert all(u.startswith("data:image/jpeg;base64,") for u in urls)
     assert [base64.b64decode(u.split(",", 1)[1]) for u in urls] == [BIG, SMALL]
-    assert entry_from_json(doc).content == "done"  # a rendered hit is itself a complete success
+    assert from_json(doc).content == "done"  # a rendered hit is itself a complete success
 
 
 def test_render_json_chunks_stream_the_same_body_with_its_exact_length():
@@ -292,16 +299,16 @@ def test_render_sse_without_images_or_usage():
 def test_both_renderings_rebuild_the_same_entry_whichever_way_it_was_fetched():
     from_stream = SSECollector()
     for event in provider_stream(SMALL, BIG, content="Generating..."):
-        from_stream.feed(event)
+        from_stream.feed(parse(event, chunk=True))
     from_stream.done()
-    from_json = entry_from_json(provider_body(SMALL, BIG, content="Generating..."))
-    for original in (from_stream.finish(), from_json):
+    from_body = from_json(provider_body(SMALL, BIG, content="Generating..."))
+    for original in (from_stream.finish(), from_body):
         stored = CacheEntry.decode(original.encode())
         again = SSECollector()
         for event in parse_sse(list(render_sse(stored, True))):
             if event != "[DONE]":
-                again.feed(event)
+                again.feed(parse(event, chunk=True))
         again.done()
-        for rebuilt in (again.finish(), entry_from_json(orjson.loads(render_json(stored, "r")))):
+        for rebuilt in (again.finish(), from_json(orjson.loads(render_json(stored, "r")))):
             assert [bytes(i.data) for i in rebuilt.images] == [SMALL, BIG]
             assert (rebuilt.content, rebuilt.usage, rebuilt.model) == ("Generating...", USAGE, MODEL)

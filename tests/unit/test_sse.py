@@ -9,6 +9,7 @@ import random
 import orjson
 import pytest
 
+from gateway.errors import UpstreamBadResponse
 from gateway.upstream.sse import (IMAGE_MARKER, SCAN_STEPS, SEPARATORS, EventScanner, _find_separator, count_images,
                          event_data)
 
@@ -67,8 +68,24 @@ def test_a_skimmed_event_still_yields_its_usage_and_every_image(size):
 def test_whole_events_go_to_the_listener_when_one_is_given():
     seen = []
     s = scan(STREAM, 65536, on_event=seen.append)
-    assert len(seen) == 4 and seen[1]["choices"][0]["delta"]["images"][0]["image_url"]["url"].endswith(IMAGE[-20:])
+    assert len(seen) == 4 and seen[1].choices[0].images[0]["image_url"]["url"].endswith(IMAGE[-20:])
     assert s.done
+
+
+@pytest.mark.parametrize("event", [b'data: {"choices":1}', b'data: {"choices":[{"delta":"hi"}]}',
+                                   b'data: {"choices":[{"delta":{"images":5}}]}', b"data: [1]", b"data: not json"])
+def test_an_event_that_is_not_a_provider_event_is_a_bad_response(event):
+    s = EventScanner()
+    [raw] = s.feed(event + b"\n\n")
+    with pytest.raises(UpstreamBadResponse):
+        s.handle(event_data(raw))
+
+
+@pytest.mark.parametrize("large", [1 << 20, 64])  # read whole, and skimmed
+def test_a_safety_block_is_seen_with_its_native_reason(large):
+    stream = chunk({"content": ""}, finish_reason="content_filter", native_finish_reason="IMAGE_SAFETY") + b"\n\ndata: [DONE]\n\n"
+    s = scan(stream, 7, large=large)
+    assert (s.finish_reason, s.native_finish_reason, s.done) == ("content_filter", "IMAGE_SAFETY", True)
 
 
 def test_a_cut_stream_is_mid_event_and_not_done():
