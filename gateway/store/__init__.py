@@ -1,18 +1,32 @@
 """connect(url) -> the one store interface used by limits, the usage ledger and the cache.
 
-Backends, chosen by the URL scheme (gateway/store_url.py): memory:// (fakeredis in this
+Backends, chosen by the URL scheme (gateway/store/url.py): memory:// (fakeredis in this
 process, with Lua), redis:// and rediss:// (one node), redis+cluster:// and rediss+cluster://.
+URL options (removed before the URL reaches redis-py):
 
-All three run the same Lua scripts (gateway/lua/<name>.lua), so the embedded default and Redis
-cannot drift. This module is the one boundary to Redis: every redis, socket and timeout error
-becomes ``StoreError`` here, once. Socket timeouts are short and redis-py does no retries, so a
-dead or hung Redis costs an operation at most ``timeout`` (default 1 s), never a hang; the pool
-reconnects by itself when Redis is back. While it is down, one operation at a time probes it
-and the others fail at once.
+    timeout=30                how long an operation waits by default (a caller may pass its own
+                              ``timeout_s``); running out is a slow store, not an outage
+    socket_timeout=5          how long a connection with a command pending may stay silent
+                              before the store counts as down
+    socket_connect_timeout=2  how long a TCP connect may take before the store counts as down
+    max_connections=64        operations (or pipelines) in flight at once; the rest queue
+
+All backends run the same Lua scripts (gateway/lua/<name>.lua), so the embedded default and
+Redis cannot drift. This module is the one boundary to Redis: every redis, socket and timeout
+error becomes ``StoreError`` here, once, and ``StoreError.down`` says which kind it is.
+
+Latency is not an outage. A slow or busy store makes its caller wait, up to the caller's own
+patience (``timeout_s``); giving up is ``down=False`` and leaves the store healthy. Only a store
+that is really down is ``down=True``, the case for ``store.on_error``: connection refused,
+reset or closed, no route, a cluster without its slots, or a connection silent for
+``socket_timeout`` with a command pending. redis-py does no retries, so a refused connection
+fails at once; while the store is down one operation at a time probes it and the others fail
+at once; the pool reconnects by itself when Redis is back. A script's own error (Redis
+answered) is ``down=False`` too.
 
 On one Redis node, scripts issued in the same event-loop tick share one pipeline
-(gateway/store_batch.py): one write, one connection, one timeout, and each caller still gets
-its own answer or its own StoreError. The scripts themselves stay separate, each atomic.
+(gateway/store/batch.py): one write, one connection, and each caller still gets its own answer
+or its own StoreError, after its own patience. The scripts themselves stay separate, each atomic.
 """
 from __future__ import annotations
 
@@ -23,48 +37,61 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Awaitable, Callable, NoReturn, Protocol, Sequence
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (ClusterDownError, MaxConnectionsError, NoScriptError, RedisClusterException,
+                              RedisError, ResponseError)
 
 from gateway.store.batch import Batcher
-from gateway.store.url import _cluster_nodes, open_client  # noqa: F401  (_cluster_nodes: unit tests reach it here)
+from gateway.store.url import MAX_INFLIGHT, TIMEOUT_S, open_client
 
 log = logging.getLogger(__name__)
 
 _ERRORS = (RedisError, RedisClusterException, OSError, EOFError)  # OSError covers TimeoutError
+# Errors from a store that is up: Redis answering with an error (a script's own), our own pool
+# full. A cluster that lost slots answers too, but it cannot serve: that is down.
+_UP = (ResponseError, MaxConnectionsError)
+_DOWN_ANSWERS = (ClusterDownError,)
+_SLOW = "no answer in time (the store is slow or busy, not down)"
 
 
 class Store(Protocol):
     healthy: bool
     last_error: str | None
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA the Lua script gateway/lua/<name>.lua (loading it on NOSCRIPT)."""
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                         timeout_s: float | None = None) -> Any:
+        """EVALSHA the Lua script gateway/lua/<name>.lua (loading it on NOSCRIPT), waiting at
+        most ``timeout_s`` (default: the store's ``timeout``)."""
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str, *, timeout_s: float | None = None) -> bytes | None: ...
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
+    async def get_range(self, key: str, start: int, end: int, *, timeout_s: float | None = None) -> bytes:
         """GETRANGE: bytes ``start..end`` (inclusive) of a string value, b"" if absent."""
 
-    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]], *,
+                         timeout_s: float | None = None) -> list[bytes]:
         """Several GETRANGEs of one key (each ``(start, end)``, inclusive) in one round trip,
         not atomic: each answer as ``get_range`` would give it, in order."""
 
-    async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False) -> bool: ...
+    async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False,
+                  timeout_s: float | None = None) -> bool: ...
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str, *, timeout_s: float | None = None) -> None: ...
 
-    async def ping(self) -> None:
+    async def ping(self, *, timeout_s: float | None = None) -> None:
         """Raise StoreError when the store does not answer."""
 
     async def close(self) -> None: ...
 
 
 class StoreError(Exception):
-    """Any failure talking to the store (connection, timeout, script error)."""
+    """Any failure talking to the store. ``down``: True when the store is really down (refused,
+    reset, closed, unreachable, silent), the case for ``store.on_error``; False when it is up
+    but this caller gave up waiting (slow, busy) or its own command failed (a script error)."""
 
-    def __init__(self, message: str, *, op: str = ""):
+    def __init__(self, message: str, *, op: str = "", down: bool = True):
         super().__init__(message)
         self.op = op
+        self.down = down
 
 
 @lru_cache(maxsize=None)
@@ -85,12 +112,12 @@ class _Failed(Exception):
 class RedisStore:
     """The Store interface over any redis-py asyncio client (fakeredis, one node, Cluster).
 
-    ``healthy`` and ``last_error`` follow the last operation, for /readyz.
+    ``healthy`` and ``last_error`` follow the last operation that reached a verdict, for /readyz.
 
     With ``pipelined`` (one Redis node), scripts issued in one event-loop tick share one
-    pipeline (store_batch.Batcher), each batch guarded like one call and each caller still
-    answered on its own. Without it (fakeredis, where there is no round trip to save, and
-    Cluster, whose redis-py pipeline refuses EVALSHA) every operation is its own call.
+    pipeline (batch.Batcher), each batch guarded like one call and each caller still answered
+    on its own. Without it (fakeredis, where there is no round trip to save, and Cluster, whose
+    redis-py pipeline refuses EVALSHA) every operation is its own call.
     """
 
     def __init__(
@@ -98,72 +125,71 @@ class RedisStore:
         client: Any,
         *,
         kind: str,
-        timeout_s: float = 1.0,
-        max_inflight: int = 64,
+        timeout_s: float = TIMEOUT_S,
+        max_inflight: int = MAX_INFLIGHT,
         on_error: Callable[[str], None] | None = None,
         pipelined: bool = False,
     ) -> None:
         self.client = client
         self.kind = kind  # memory | redis | cluster
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # a caller's patience unless it says otherwise
         self.on_error = on_error
         self.healthy = True
         self.last_error: str | None = None
-        # bounds in-flight commands (or pipelines) to the pool size: queue briefly instead of failing
+        # bounds in-flight commands (or pipelines) below the pool size: the rest queue
         self._slots = asyncio.Semaphore(max_inflight)
         self._probing = False
         self.pipelined = pipelined
         self._batcher = Batcher(client, guard=self._attempt, error=self._error) if pipelined else None
 
-    async def _acquire_slot(self) -> bool:
-        """A connection slot, waiting at most ``timeout``; False when none came free in time."""
-        if not self._slots.locked():  # the common case: no timer to arm
-            await self._slots.acquire()
-            return True
-        try:  # waiting for a free connection is load, not an outage
-            async with asyncio.timeout(self.timeout_s):
-                await self._slots.acquire()
-            return True
-        except TimeoutError:
-            return False
+    def _deadline(self, timeout_s: float | None) -> float:
+        return asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, op: str, fn: Callable[[], Awaitable[Any]], timeout_s: float | None) -> Any:
         try:
-            return await self._attempt(op, fn)
+            return await self._attempt(op, fn, self._deadline(timeout_s))
         except _Failed as f:
             self._failed(op, f.reason, down=f.down)
+
+    def _gave_up(self) -> _Failed:
+        """A caller's patience ran out: slow or busy, not down (the store keeps its health),
+        unless the store was already known to be down."""
+        if self.healthy:
+            return _Failed(_SLOW, down=False)
+        return _Failed(f"unavailable ({self.last_error})", down=True)
 
     def _refusal(self) -> str | None:
         """Why to fail at once, untried: down, and another operation is already probing."""
         return f"unavailable ({self.last_error})" if not self.healthy and self._probing else None
 
-    async def _attempt(self, op: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        """fn() (one call, or one whole batch) under the probe rule, a connection slot and the
-        backstop timeout. Raises only _Failed: the caller turns it into StoreErrors."""
+    async def _attempt(self, op: str, fn: Callable[[], Awaitable[Any]], deadline: float) -> Any:
+        """fn() (one call, or one whole batch) under the probe rule and a connection slot, until
+        ``deadline`` (loop time). Raises only _Failed: the caller turns it into StoreErrors."""
         if (refusal := self._refusal()) is not None:
-            raise _Failed(refusal, down=False)
+            raise _Failed(refusal, down=True)
         probe = not self.healthy  # down: this operation probes, the rest fail fast meanwhile
         if probe:
             self._probing = True
+        patience = asyncio.timeout_at(deadline)
         try:
-            if not await self._acquire_slot():
-                raise _Failed("busy: no free connection in time", down=False)
-            try:
-                # the socket timeouts normally end a hung call first; this is the backstop
-                async with asyncio.timeout(self.timeout_s):
+            async with patience:
+                async with self._slots:
                     if self.kind == "cluster":
                         # (re)discover the slots before any command: redis-py's lazy discovery
                         # races when many commands trigger it at once. A no-op once known.
                         await self.client.initialize()
                     result = await fn()
-            finally:
-                self._slots.release()
-        except _Failed:
-            raise
         except Exception as e:  # the boundary: nothing from redis-py goes further up
+            if patience.expired():
+                raise self._gave_up() from None
+            if isinstance(e, _UP) and not isinstance(e, _DOWN_ANSWERS):
+                if isinstance(e, ResponseError):
+                    self.healthy = True  # it answered
+                raise _Failed(self._reason(op, e), down=False) from None
+            self.healthy, self.last_error = False, self._reason(op, e)
             if not isinstance(e, ResponseError):  # Redis answered: its connections are fine
                 await self._drop_idle_connections()
-            raise _Failed(self._reason(op, e), down=True) from None
+            raise _Failed(self.last_error, down=True) from None
         finally:
             if probe:
                 self._probing = False
@@ -189,11 +215,10 @@ class RedisStore:
         return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
     def _failure(self, op: str, reason: str, *, down: bool) -> StoreError:
-        if down:
-            self.healthy, self.last_error = False, reason
+        """One caller's StoreError, counted once (the store's health is the attempt's verdict)."""
         if self.on_error is not None:
             self.on_error(op)
-        return StoreError(f"store {op} failed: {reason}", op=op)
+        return StoreError(f"store {op} failed: {reason}", op=op, down=down)
 
     def _failed(self, op: str, reason: str, *, down: bool) -> NoReturn:
         raise self._failure(op, reason, down=down) from None
@@ -202,16 +227,24 @@ class RedisStore:
         """A pipelined caller's StoreError: its batch's failure, or its own script's error."""
         if isinstance(e, _Failed):
             return self._failure(op, e.reason, down=e.down)
-        return self._failure(op, self._reason(op, e), down=True)
+        return self._failure(op, self._reason(op, e), down=False)  # Redis answered (or it never left)
 
     # ---- the Store interface ----------------------------------------------------------------
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                         timeout_s: float | None = None) -> Any:
         source, sha = script(name)
         if self._batcher is not None:
             if (refusal := self._refusal()) is not None:  # don't queue behind the probe
-                self._failed(name, refusal, down=False)
-            return await self._batcher.submit(name, ("EVALSHA", sha, len(keys), *keys, *args), source)
+                self._failed(name, refusal, down=True)
+            deadline = self._deadline(timeout_s)
+            future = self._batcher.submit(name, ("EVALSHA", sha, len(keys), *keys, *args), source, deadline)
+            try:  # giving up cancels this caller's future only: the batch goes on for the others
+                async with asyncio.timeout_at(deadline):
+                    return await future
+            except TimeoutError:
+                f = self._gave_up()
+                self._failed(name, f.reason, down=f.down)
 
         async def run() -> Any:
             try:
@@ -219,17 +252,18 @@ class RedisStore:
             except NoScriptError:  # first use on this node: EVAL sends it and caches it
                 return await self.client.eval(source, len(keys), *keys, *args)
 
-        return await self._call(name, run)
+        return await self._call(name, run, timeout_s)
 
-    async def get(self, key: str) -> bytes | None:
-        return await self._call("get", lambda: self.client.get(key))
+    async def get(self, key: str, *, timeout_s: float | None = None) -> bytes | None:
+        return await self._call("get", lambda: self.client.get(key), timeout_s)
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
+    async def get_range(self, key: str, start: int, end: int, *, timeout_s: float | None = None) -> bytes:
         # A plain command, never a script: Redis hashes every byte of a string passed into Lua
         # (~1.5 ms of its CPU per MB), which big cache reads must not pay.
-        return await self._call("get_range", lambda: self.client.getrange(key, start, end))
+        return await self._call("get_range", lambda: self.client.getrange(key, start, end), timeout_s)
 
-    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]], *,
+                         timeout_s: float | None = None) -> list[bytes]:
         # One non-transactional pipeline: one key, so one node (and one slot) on a cluster too.
         async def run() -> list[bytes]:
             pipe = self.client.pipeline(transaction=False)
@@ -237,17 +271,19 @@ class RedisStore:
                 pipe.getrange(key, start, end)
             return await pipe.execute()
 
-        return await self._call("get_range", run)
+        return await self._call("get_range", run, timeout_s)
 
-    async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False) -> bool:
+    async def set(self, key: str, value: bytes, *, ttl_s: float, only_if_absent: bool = False,
+                  timeout_s: float | None = None) -> bool:
         px = max(1, int(ttl_s * 1000))
-        return bool(await self._call("set", lambda: self.client.set(key, value, px=px, nx=only_if_absent)))
+        return bool(await self._call("set", lambda: self.client.set(key, value, px=px, nx=only_if_absent),
+                                     timeout_s))
 
-    async def delete(self, key: str) -> None:
-        await self._call("delete", lambda: self.client.delete(key))
+    async def delete(self, key: str, *, timeout_s: float | None = None) -> None:
+        await self._call("delete", lambda: self.client.delete(key), timeout_s)
 
-    async def ping(self) -> None:
-        await self._call("ping", self.client.ping)
+    async def ping(self, *, timeout_s: float | None = None) -> None:
+        await self._call("ping", self.client.ping, timeout_s)
 
     async def close(self) -> None:
         if self._batcher is not None:  # answer every caller queued or in flight first
@@ -265,11 +301,12 @@ async def connect(
     socket_timeout_s: float | None = None,
     on_error: Callable[[str], None] | None = None,
 ) -> RedisStore:
-    """Open the store named by ``url`` (see gateway/store_url.py). No I/O happens here: a Redis
+    """Open the store named by ``url`` (see gateway/store/url.py). No I/O happens here: a Redis
     that is down at start shows as StoreError on first use (and in /readyz), not as a failed start.
 
     ``timeout_s``/``socket_timeout_s`` override the URL's; ``on_error(op)`` is called once per
-    failed operation (op = script name, or get/set/delete/ping) for ``gateway_store_errors_total``.
+    failed operation (op = script name, or get/set/delete/ping) for ``gateway_store_errors_total``,
+    whatever its ``StoreError.down``.
     """
     c = open_client(url, timeout_s=timeout_s, socket_timeout_s=socket_timeout_s)
     return RedisStore(c.client, kind=c.kind, timeout_s=c.timeout_s, max_inflight=c.max_inflight,

@@ -1,12 +1,12 @@
 """Auto-pipelining of Lua scripts on one Redis node, for RedisStore.
 
 Every script submitted in one event-loop tick is queued and sent on the next tick as ONE
-non-transactional pipeline: one write, one pooled connection, one timeout. The scripts stay
+non-transactional pipeline: one write, one pooled connection. The scripts stay
 separate atomic units; only their round trips are shared, which is what keeps admission and
 settlement cheap on the hot path. Each caller still gets its own answer or its own error: a
 script error, a NOSCRIPT (reloaded per script) or an argument that cannot be encoded is that
 call's alone. The store keeps the boundary: it guards each batch (probe, connection slot,
-timeout) and turns every failure into the caller's StoreError; this module only queues, talks
+deadline) and turns every failure into the caller's StoreError; this module only queues, talks
 RESP and settles futures.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ try:
 except ImportError:  # redis-py's own packer does the same, slower
     _hiredis_pack = None
 
-# guard(op, send) runs send() under the store's probe/slot/timeout rules and raises only its failure
-Guard = Callable[[str, Callable[[], Awaitable[list[Any]]]], Awaitable[list[Any]]]
+# guard(op, send, deadline) runs send() under the store's probe/slot rules until deadline (loop
+# time) and raises only its failure
+Guard = Callable[[str, Callable[[], Awaitable[list[Any]]], float], Awaitable[list[Any]]]
 # error(op, failure) -> the StoreError that caller gets (counted once, by the store)
 ToError = Callable[[str, Exception], Exception]
 
@@ -32,6 +33,7 @@ class Call(NamedTuple):
     command: tuple  # ("EVALSHA", sha, nkeys, *keys, *args)
     future: asyncio.Future
     source: str  # the script, for EVAL when the node lacks it
+    deadline: float  # loop time its caller waits until
 
 
 class Batcher:
@@ -44,13 +46,14 @@ class Batcher:
         self._queue: list[Call] = []
         self._batches: set[asyncio.Task] = set()
 
-    def submit(self, op: str, command: tuple, source: str) -> asyncio.Future:
-        """Queue one command for this tick's pipeline; the future settles with its answer."""
+    def submit(self, op: str, command: tuple, source: str, deadline: float) -> asyncio.Future:
+        """Queue one command for this tick's pipeline; the future settles with its answer. Its
+        caller may give up before (cancelling the future): the batch goes on for the others."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)
-        self._queue.append(Call(op, command, future, source))
+        self._queue.append(Call(op, command, future, source, deadline))
         return future
 
     async def drain(self) -> None:
@@ -72,7 +75,9 @@ class Batcher:
     async def _run(self, batch: list[Call]) -> None:
         """Send one batch; settle every caller's future, each exactly once. Never raises."""
         try:
-            results: list[Any] = await self._guard(batch[0].op, lambda: self._pipeline(batch))
+            # the batch lasts as long as its most patient caller
+            deadline = max(call.deadline for call in batch)
+            results: list[Any] = await self._guard(batch[0].op, lambda: self._pipeline(batch), deadline)
         except Exception as e:  # the whole pipeline failed (or never left): so did every call in it
             results = [e] * len(batch)
         except BaseException:  # this task itself cancelled (the loop is closing): so are its callers
@@ -80,11 +85,11 @@ class Batcher:
                 call.future.cancel()
             raise
         for call, result in zip(batch, results):
+            if call.future.done():  # its caller gave up or left: nothing to tell, nothing to count
+                continue
             if isinstance(result, Exception):  # the batch's failure, or this call's own error
-                err = self._error(call.op, result)
-                if not call.future.done():
-                    call.future.set_exception(err)
-            elif not call.future.done():
+                call.future.set_exception(self._error(call.op, result))
+            else:
                 call.future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:

@@ -4,9 +4,9 @@
     redis://[:pw@]host:port/db    one Redis node (rediss:// for TLS)
     redis+cluster://host:port[,host:port...]   Redis Cluster (rediss+cluster:// for TLS)
 
-URL query options (ours, removed before the URL reaches redis-py): ``timeout`` (whole
-operation, s, default 1.0), ``socket_timeout`` and ``socket_connect_timeout`` (s, default 0.5),
-``max_connections`` (in-flight operations per store, default 64). No I/O happens here.
+Our URL query options (``timeout``, ``socket_timeout``, ``socket_connect_timeout``,
+``max_connections``; documented in gateway/store/__init__.py) are taken out before the URL
+reaches redis-py. No I/O happens here.
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 _OUR_OPTIONS = ("timeout", "socket_timeout", "socket_connect_timeout", "max_connections")
+TIMEOUT_S = 30.0  # generous: a slow store is waited for, not taken for down
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
+MAX_INFLIGHT = 64
 
 
 class Client(NamedTuple):
@@ -32,23 +36,26 @@ def open_client(url: str, *, timeout_s: float | None = None, socket_timeout_s: f
     """The client for ``url``; ``timeout_s``/``socket_timeout_s`` override the URL's."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    ours, query = _options(parts.query)
+    timeout = timeout_s or ours.get("timeout", TIMEOUT_S)
+    inflight = int(ours.get("max_connections", MAX_INFLIGHT))
+    # The pool holds more than the store ever uses at once (it queues the rest itself), so
+    # neither a burst nor a connection lost to a cancelled call inside redis-py can exhaust it:
+    # an exhausted redis-py pool fails the call instead of waiting.
+    pool_size = 2 * inflight + 16
     if scheme == "memory":
         import fakeredis  # embedded store only; not imported when Redis is configured
 
-        return Client(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "memory", timeout_s or 5.0, 1024)
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), max_connections=pool_size)
+        return Client(client, "memory", timeout, inflight)
 
-    ours, query = _options(parts.query)
-    timeout = timeout_s or ours.get("timeout", 1.0)
-    sock = socket_timeout_s or ours.get("socket_timeout", min(0.5, timeout))
+    sock = socket_timeout_s or ours.get("socket_timeout", SOCKET_TIMEOUT_S)
     common: dict[str, Any] = {
         "socket_timeout": sock,
-        "socket_connect_timeout": ours.get("socket_connect_timeout", sock),
+        "socket_connect_timeout": ours.get("socket_connect_timeout", min(CONNECT_TIMEOUT_S, sock)),
         "retry": Retry(NoBackoff(), 0),  # no hidden retries: one attempt, bounded by the timeouts
+        "max_connections": pool_size,
     }
-    inflight = int(ours.get("max_connections", 64))
-    # The pool may hold more than we ever use at once, so a connection lost to a cancelled
-    # call inside redis-py can never exhaust it.
-    common["max_connections"] = 2 * inflight + 16
     if scheme in ("redis", "rediss"):
         client = aioredis.Redis.from_url(urlunsplit(parts._replace(query=query)), **common)
         kind = "redis"

@@ -8,6 +8,7 @@ import pytest
 from gateway.limits import ledger
 from gateway.limits.limiter import limit_keys
 from gateway.store import StoreError, connect
+from tests.fixtures.gateway import wait_for
 from tests.fixtures.redis import RedisServer
 
 
@@ -80,3 +81,79 @@ async def test_concurrent_scripts_each_get_their_own_answer(store):
     assert isinstance(got[7], StoreError) and got[7].op == "usage"
     assert [g for i, g in enumerate(got) if i != 7] == [[[]]] * 19
     assert await read(0) == [[]] and store.healthy
+
+
+# -- latency is not an outage: a real Redis paused (SIGSTOP) or killed --------------------------
+
+
+async def test_a_paused_redis_is_waited_for_then_answers(fresh_redis_server):
+    store = await connect(fresh_redis_server.url)
+    await store.set("gw:w", b"v", ttl_s=60)
+    fresh_redis_server.pause()
+    try:
+        pending = asyncio.create_task(store.get("gw:w"))
+        await wait_for(lambda: fresh_redis_server.unread_bytes() > 0)  # the GET waits in Redis' socket
+        await asyncio.sleep(1.5)  # the stall lasts: longer than the old backstop, short of down
+        fresh_redis_server.resume()
+        assert await pending == b"v"
+        assert store.healthy and store.last_error is None
+    finally:
+        fresh_redis_server.resume()
+        await store.close()
+
+
+async def test_a_caller_that_gives_up_on_a_paused_redis_is_told_it_is_slow_not_down(fresh_redis_server):
+    errors: list[str] = []
+    store = await connect(fresh_redis_server.url, on_error=errors.append)
+    await store.ping()
+    fresh_redis_server.pause()
+    try:
+        with pytest.raises(StoreError) as e:
+            await store.run_script("usage", [ledger.day_key("p", "2026-11-25")], [], timeout_s=0.2)
+        assert e.value.down is False and errors == ["usage"] and store.healthy
+    finally:
+        fresh_redis_server.resume()
+    assert await store.run_script("usage", [ledger.day_key("p", "2026-11-25")], []) == [[]]
+    await store.close()
+
+
+async def test_a_redis_silent_for_socket_timeout_is_down_then_recovers(fresh_redis_server):
+    store = await connect(fresh_redis_server.url + "?socket_timeout=0.2")
+    await store.ping()
+    fresh_redis_server.pause()
+    try:
+        with pytest.raises(StoreError) as e:
+            await store.get("gw:s")
+        assert e.value.down is True and not store.healthy and "TimeoutError" in store.last_error
+    finally:
+        fresh_redis_server.resume()
+    assert await store.get("gw:s") is None and store.healthy  # the next call probes, and gets through
+    await store.close()
+
+
+async def test_a_killed_redis_is_down_at_once_then_recovers_on_the_same_port(fresh_redis_server):
+    store = await connect(fresh_redis_server.url)
+    await store.set("gw:k", b"1", ttl_s=60)
+    fresh_redis_server.kill()
+    got = await asyncio.gather(*(store.get("gw:k") for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(e, StoreError) and e.down is True for e in got) and not store.healthy
+    fresh_redis_server.start()
+    assert await store.get("gw:k") is None and store.healthy  # a new, empty Redis
+    await store.close()
+
+
+async def test_callers_giving_up_on_a_paused_redis_leave_the_pool_whole(fresh_redis_server):
+    """Each caller that gives up cancels its command inside redis-py; 120 of them, 4 at a time,
+    must not use up the pool (24 connections for max_connections=4)."""
+    store = await connect(fresh_redis_server.url + "?max_connections=4")
+    fresh_redis_server.pause()
+    try:
+        for _ in range(30):
+            gave_up = await asyncio.gather(*(store.get(f"gw:{i}", timeout_s=0.02) for i in range(4)),
+                                           return_exceptions=True)
+            assert all(isinstance(e, StoreError) and e.down is False for e in gave_up)
+    finally:
+        fresh_redis_server.resume()
+    assert await asyncio.gather(*(store.get(f"gw:{i}") for i in range(40))) == [None] * 40
+    assert store.healthy
+    await store.close()
