@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.gateway",
     "tests.fixtures.logscan",
+    "tests.fixtures.load",
 ]

@@ -11,7 +11,6 @@ from collections import Counter
 
 import pytest
 
-from tests.fixtures.load import busy_cores  # noqa: F401, F811  (fixture)
 from tests.integration.test_limits_processes import (  # noqa: F401, F811  (processes, http: fixtures)
     FROZEN_DAY, chat, config_for, http, ledger_day, processes)
 
