@@ -70,8 +70,13 @@ class Usage:
         return u.priced(prices)
 
 
+MAX_TOKENS = 10**9  # more than any one request uses; keeps the ledger's sums exact integers
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A count the provider reported: a positive integer, at most MAX_TOKENS; else 0."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return min(value, MAX_TOKENS) if ok else 0
 
 
 PROMPT_CHARS_PER_TOKEN = 4

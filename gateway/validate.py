@@ -63,7 +63,7 @@ def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
 
     model = _model(body, config)
     text_chars, image_parts = _messages(body)
-    _parameters(body)
+    _parameters(body, model)
 
     if len(image_parts) > limits.max_images_per_request:
         first_over = image_parts[limits.max_images_per_request][0]
@@ -229,7 +229,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _parameters(body: dict[str, Any]) -> None:
+def _parameters(body: dict[str, Any], model: ModelConfig) -> None:
+    """The scalar parameters, each within its bounds: the token estimate (what admission
+    reserves and, when the provider reports no usage, charges) is bounded by them."""
     for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
         value = body.get(name)
         if value is None:
@@ -248,6 +250,8 @@ def _parameters(body: dict[str, Any]) -> None:
             raise _bad(name, f"must be a positive integer, not {_kind(value)}")
         if value < 1:
             raise _bad(name, f"must be a positive integer; got {value}")
+        if value > model.max_completion_tokens:
+            raise _bad(name, f"must be at most {model.max_completion_tokens} for model {model.id}; got {value}")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream", f"must be a boolean, not {_kind(stream)}")

@@ -10,8 +10,9 @@ settles the request, and kept in the store so it survives gateway restarts:
 Fields: requests, prompt/completion/image/reasoning/audio tokens, images_in, images_out,
 cost_micro (integer micro-dollars: exact sums, no float drift), cache_hits, cache_saved_tokens;
 the day hash also holds quota_tokens (settled tokens plus in-flight reservations: what
-``tokens_per_day`` is checked against). Every key of a team carries its hash tag, so one
-script reads both hashes, Cluster-safe.
+``tokens_per_day`` is checked against), the month hash quota_micro (settled cost plus the priced
+estimates of requests in flight: what ``usd_per_month`` is checked against). Every key of a team
+carries its hash tag, so one script reads both hashes, Cluster-safe.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from gateway.usage import TOKEN_TYPES, Usage
 DAY_TTL_S = 40 * 86400
 MONTH_TTL_S = 400 * 86400
 QUOTA_TOKENS = "quota_tokens"  # day field: tokens counted against tokens_per_day
-COST_MICRO = "cost_micro"  # month field: micro-dollars, checked against usd_per_month
+QUOTA_MICRO = "quota_micro"  # month field: micro-dollars counted against usd_per_month
+COST_MICRO = "cost_micro"  # day and month field: micro-dollars spent
 COUNTS = ("requests", *TOKEN_TYPES, "images_in", "images_out", COST_MICRO, "cache_hits", "cache_saved_tokens")
 
 
@@ -101,7 +103,8 @@ async def read_usage(store: Any, team_name: str, *, day: date | None = None, mon
     """The team's ledger for ``day`` and/or ``month`` ('YYYY-MM'), in one round trip.
 
     Returns {"day": {"date": ..., requests, tokens{...}, images_in, images_out, cost_usd,
-    cache_hits, cache_saved_tokens, quota_tokens}, "month": {"month": ..., same}}, holding only
+    cache_hits, cache_saved_tokens, quota_tokens}, "month": {"month": ..., same but quota_micro}},
+    holding only
     the periods asked for (both None: today and this month, UTC). Raises StoreUnavailable.
     """
     if day is None and month is None:
@@ -124,18 +127,18 @@ async def read_usage(store: Any, team_name: str, *, day: date | None = None, mon
         if name == "day":
             out["day"] = {"date": day.isoformat(), **_shape(fields), QUOTA_TOKENS: fields.get(QUOTA_TOKENS, 0)}
         else:
-            out["month"] = {"month": month, **_shape(fields)}
+            out["month"] = {"month": month, **_shape(fields), QUOTA_MICRO: fields.get(QUOTA_MICRO, 0)}
     return out
 
 
-def remaining(team: Team, day_quota_tokens: int, month_cost_micro: int) -> dict[str, float | None]:
-    """What is left of each quota (None: no such quota); never below zero."""
+def remaining(team: Team, day_quota_tokens: int, month_quota_micro: int) -> dict[str, float | None]:
+    """What is left of each quota (None: no such quota), in-flight reservations deducted; never below zero."""
     q = team.quota
     return {
         "tokens_per_day": None if q.tokens_per_day is None else max(0, q.tokens_per_day - day_quota_tokens),
         "usd_per_month": None
         if q.usd_per_month is None
-        else max(0.0, round(q.usd_per_month - month_cost_micro / 1_000_000, 6)),
+        else max(0.0, round(q.usd_per_month - month_quota_micro / 1_000_000, 6)),
     }
 
 
@@ -155,7 +158,5 @@ async def team_usage_report(store: Any, team: Team, now: datetime | float) -> di
             "max_concurrent": lim.max_concurrent,
         },
         "quota": {"tokens_per_day": team.quota.tokens_per_day, "usd_per_month": team.quota.usd_per_month},
-        "remaining": remaining(
-            team, usage["day"][QUOTA_TOKENS], round(usage["month"]["cost_usd"] * 1_000_000)
-        ),
+        "remaining": remaining(team, usage["day"][QUOTA_TOKENS], usage["month"][QUOTA_MICRO]),
     }

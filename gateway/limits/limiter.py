@@ -1,12 +1,22 @@
 """admit(team, request) -> Admission: per-team rate limits, concurrency leases and quotas.
 
-The algorithms live only in gateway/lua/admit.lua and settle.lua; this module builds their
-arguments and turns their answers into headers, errors and metrics. Admission is one EVALSHA
-for all of a team's limits (checked and consumed atomically, on Redis' own clock), settlement
-is one more. A team with no limits and no quota skips admission; its settle still writes the
-ledger. On one Redis node the store sends the scripts of requests that reach it in the same
-event-loop tick as one pipeline (gateway/store_batch.py), which is what keeps this cheap on the hot
-path; per team, the keys and fixed script arguments are built once (``_Plan``).
+The algorithms live only in gateway/lua/ (admit.lua, settle.lua, renew.lua); this module
+builds their arguments and turns their answers into headers, errors and metrics. Admission is
+one script call for all of a team's limits (checked, then consumed, atomically, on Redis' own
+clock); settlement is one more. Per team, the keys and fixed script arguments are built once
+(``_Plan``).
+
+Every admission has an id. What admit.lua reserved (tokens, and the priced estimate against
+``usd_per_month``) is recorded under it, so a settle trues up exactly that and is idempotent,
+and an admission the gateway gave up on (the store answered too late, or the caller was
+cancelled while its script was in flight) is released by its id once the store answers
+again, even if the late admit runs after the release. Settles and releases that fail are
+kept and retried, never dropped silently.
+
+Leases are short (``store.lease_ttl_s``) and renewed while their request lives by one
+background task per replica: every third of the ttl, one renew.lua call per team for all of
+that team's live admissions. A dead replica's slots come back within the ttl; a living
+request keeps its slot however long it runs.
 
 ``metrics`` (optional) needs: ``rejection(team, limit)``, ``store_error(op)`` and
 ``quota_remaining(team, quota, value)``. Store errors are counted by the store's own
@@ -20,26 +30,24 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from gateway.limits import ledger
 from gateway.config import Config, Team
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
+from gateway.limits import ledger
 from gateway.store import Store, StoreError
 from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest
 
 log = logging.getLogger(__name__)
 
-LEASE_MARGIN_S = 5  # a lease outlives the longest request (the upstream timeout) by this much
-
-
-class Admission(Protocol):
-    headers: dict[str, str]  # x-ratelimit-* for the response
-
-    async def settle(self, usage: Usage, *, cached: bool = False) -> None:
-        """Exactly once per admitted request: release the lease, settle tokens/dollars, write the ledger."""
+# How long the 'x' left by a settle or a release stands: longer than any script queued before
+# it in a stalled store's sockets can still run late, and than a settle's retries take once
+# the store answers again (they run on the next renewal ticks).
+MARKER_TTL_S = 600
+MAX_OWED = 100_000  # settles and releases kept for retry while the store is away; beyond, dropped (logged)
 
 
 def format_duration(seconds: float) -> str:
@@ -65,6 +73,11 @@ def estimate_tokens(request: ChatRequest) -> int:
     return estimate(request).total
 
 
+def micro_usd(usd: float) -> int:
+    """Dollars as the ledger's integer micro-dollars."""
+    return round(usd * 1_000_000)
+
+
 def limit_keys(team: str) -> tuple[str, str, str]:
     """(requests bucket, tokens bucket, leases) of a team; same hash tag as its ledger."""
     p = ledger.team_prefix(team)
@@ -80,9 +93,9 @@ def _arg(v: float | None) -> bytes:
     return b"" if v is None else str(v).encode()
 
 
-class _LeaseIds:
-    """Lease ids unique across processes and replicas without uuid4's cost per request: a random
-    prefix per process (drawn again in a forked child) and a counter."""
+class _Ids:
+    """Admission ids unique across processes and replicas without uuid4's cost per request: a
+    random prefix per process (drawn again in a forked child) and a counter."""
 
     def __init__(self) -> None:
         self._reset()
@@ -96,7 +109,7 @@ class _LeaseIds:
         return f"{self._prefix}{next(self._count):x}"
 
 
-_lease_ids = _LeaseIds()
+_ids = _Ids()
 
 
 class _Plan:
@@ -104,8 +117,8 @@ class _Plan:
     script arguments (already bytes, so redis-py does not encode them per call) and the header
     values of its limits."""
 
-    __slots__ = ("team", "limited", "leased", "admit_keys", "admit_args", "tpm_key", "leases_key",
-                 "settle_args", "rpm", "tpm")
+    __slots__ = ("team", "limited", "prefix", "admit_keys", "admit_args", "tpm_key", "leases_key",
+                 "usage_prefix", "settle_args", "rpm", "tpm")
 
     def __init__(self, team: Team, lease_ttl_s: float) -> None:
         lim, quota = team.limits, team.quota
@@ -113,45 +126,48 @@ class _Plan:
         self.limited = not (lim.requests_per_minute is None and lim.tokens_per_minute is None
                             and lim.max_concurrent is None and quota.tokens_per_day is None
                             and quota.usd_per_month is None)
-        self.leased = lim.max_concurrent is not None
+        self.prefix = ledger.team_prefix(team.name)
         rpm_key, self.tpm_key, self.leases_key = limit_keys(team.name)
-        self.admit_keys = (rpm_key, self.tpm_key, self.leases_key, ledger.usage_prefix(team.name))
-        usd = None if quota.usd_per_month is None else round(quota.usd_per_month * 1_000_000)
-        # admit.lua ARGV[4..]: the arguments after now, tokens and lease id
+        self.usage_prefix = ledger.usage_prefix(team.name)
+        self.admit_keys = (rpm_key, self.tpm_key, self.leases_key, self.usage_prefix)
+        usd = None if quota.usd_per_month is None else micro_usd(quota.usd_per_month)
+        # admit.lua ARGV[5..]: the arguments after now, tokens, micro-$ and admission id
         self.admit_args = (_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent),
-                           _arg(round(lease_ttl_s * 1000)), _arg(quota.tokens_per_day), _arg(usd),
-                           _arg(ledger.DAY_TTL_S), ledger.QUOTA_TOKENS.encode(), ledger.COST_MICRO.encode())
-        # settle.lua ARGV[5..9]: the arguments after now, reserved, charged and lease id
+                           _arg(math.ceil(lease_ttl_s * 1000)), _arg(quota.tokens_per_day), _arg(usd),
+                           _arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S),
+                           ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode())
+        # settle.lua ARGV[9..14]
         self.settle_args = (_arg(lim.tokens_per_minute), _arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S),
-                            ledger.QUOTA_TOKENS.encode(), ledger.COST_MICRO.encode())
+                            ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode(), _arg(MARKER_TTL_S * 1000))
         self.rpm = None if lim.requests_per_minute is None else str(lim.requests_per_minute)
         self.tpm = None if lim.tokens_per_minute is None else str(lim.tokens_per_minute)
 
+    def record_key(self, admission_id: str) -> str:
+        return f"{self.prefix}adm:{admission_id}"
 
-class NoopAdmission:
-    """For a gateway running without limits or store: no headers, nothing to settle."""
-
-    headers: dict[str, str] = {}
-    remaining: dict[str, Any] | None = None
-
-    async def settle(self, usage: Usage, *, cached: bool = False) -> None:
-        return None
+    def settle_keys(self, admission_id: str) -> tuple[str, str, str, str]:
+        return self.tpm_key, self.leases_key, self.record_key(admission_id), self.usage_prefix
 
 
-class StoreAdmission:
+class Admission:
     """One admitted request: its headers and the one settle() that trues up its reservation."""
 
-    def __init__(self, limiter: "Limiter", team: Team, *, date: str, month: str, reserved: int = 0,
-                 lease_id: str = "", headers: dict[str, str] | None = None, plan: _Plan | None = None) -> None:
-        self.limiter, self.team, self.plan = limiter, team, plan
+    __slots__ = ("limiter", "plan", "id", "date", "month", "reserved", "reserved_micro", "headers",
+                 "remaining", "_settled")
+
+    def __init__(self, limiter: "Limiter", plan: _Plan, admission_id: str, *, date: str, month: str,
+                 reserved: int = 0, reserved_micro: int = 0, headers: dict[str, str] | None = None) -> None:
+        self.limiter, self.plan, self.id = limiter, plan, admission_id
         self.date, self.month = date, month  # the UTC period the request belongs to
-        self.reserved, self.lease_id = reserved, lease_id
-        self.headers = headers or {}
+        self.reserved, self.reserved_micro = reserved, reserved_micro
+        self.headers: dict[str, str] = headers or {}  # x-ratelimit-* for the response
         self.remaining: dict[str, Any] | None = None  # quota left after settle
         self._settled = False
 
     async def settle(self, usage: Usage, *, cached: bool = False) -> None:
-        """Idempotent; never raises a store error; survives the caller being cancelled."""
+        """Exactly once per admitted request: release the lease, true up the reservation, write
+        the ledger. Idempotent; never raises a store error (a failed settle is retried later);
+        survives the caller being cancelled."""
         if self._settled:
             return
         self._settled = True
@@ -159,7 +175,8 @@ class StoreAdmission:
 
 
 class Limiter:
-    """Admission against the shared store; one instance per app, used by every request."""
+    """Admission against the shared store; one instance per app, used by every request.
+    ``start()`` runs the renewal task (leases, retries); ``close()`` stops it."""
 
     def __init__(self, store: Store, config: Config, *, on_error: str = "open", metrics: Any = None,
                  clock: Callable[[], float] | None = None, lease_ttl_s: float | None = None) -> None:
@@ -167,9 +184,16 @@ class Limiter:
             raise ValueError(f"store.on_error: must be open or closed, got {on_error!r}")
         self.store, self.config, self.on_error, self.metrics = store, config, on_error, metrics
         self.clock = clock  # injected UNIX time (tests); None: the store's own clock (TIME)
-        self.lease_ttl_s = lease_ttl_s or config.upstream.timeout_s + LEASE_MARGIN_S
+        self.lease_ttl_s = lease_ttl_s or config.store.lease_ttl_s
         self._degraded = False
         self._plans: dict[str, _Plan] = {}
+        self._live: dict[str, tuple[_Plan, set[str]]] = {}  # team -> its admissions being renewed
+        self._owed: deque[tuple[str, tuple, tuple]] = deque()  # settle.lua calls to repeat until they answer
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._tick_s = self.lease_ttl_s / 3  # a lease is renewed twice before it could run out
+
+    # ---- admission ----------------------------------------------------------------------------
 
     def _now_arg(self) -> Any:
         return b"" if self.clock is None else self.clock() * 1000
@@ -183,25 +207,34 @@ class Limiter:
 
     def _plan(self, team: Team) -> _Plan:
         plan = self._plans.get(team.name)
-        if plan is None or plan.team is not team:  # first request, or the team was reconfigured
+        if plan is None:
             plan = self._plans[team.name] = _Plan(team, self.lease_ttl_s)
         return plan
 
-    async def admit(self, team: Team, request: ChatRequest) -> StoreAdmission:
-        """Raise RateLimited, QuotaExceeded, or StoreUnavailable (on_error: closed)."""
+    async def admit(self, team: Team, request: ChatRequest, *, deadline: float | None = None) -> Admission:
+        """Raise RateLimited, QuotaExceeded, or StoreUnavailable (the store slower than
+        ``deadline``, event-loop time; or down with on_error: closed)."""
         plan = self._plan(team)
         if not plan.limited:
-            return StoreAdmission(self, team, plan=plan, **self._local_period())
-        tokens = estimate_tokens(request)
-        lease_id = _lease_ids.next() if plan.leased else ""
+            return Admission(self, plan, _ids.next(), **self._local_period())
+        usage = estimate(request)
+        tokens, micro = usage.total, micro_usd(usage.priced(request.model.prices).cost_usd)
+        aid = _ids.next()
+        wait = {} if deadline is None else {"timeout_s": max(0.0, deadline - asyncio.get_running_loop().time())}
         try:
-            r = await self.store.run_script(
-                "admit", plan.admit_keys, (self._now_arg(), tokens, lease_id, *plan.admit_args))
+            r = await self.store.run_script("admit", (*plan.admit_keys, plan.record_key(aid)),
+                                            (self._now_arg(), tokens, micro, aid, *plan.admit_args), **wait)
+        except asyncio.CancelledError:  # the script may run all the same: undo it by its id
+            self._release(plan, aid)
+            raise
         except StoreError as e:
+            self._release(plan, aid)  # it may have run, or run late
+            if not getattr(e, "down", True):  # slow, not down: not a case for on_error
+                raise StoreUnavailable("The limits store did not answer in time; retry shortly.") from None
             self._store_failed("admit", e)
             if self.on_error == "closed":
                 raise StoreUnavailable() from None
-            return StoreAdmission(self, team, plan=plan, **self._local_period())
+            return Admission(self, plan, _ids.next(), **self._local_period())  # unchecked, but settled
         if self._degraded:
             self._degraded = False
             log.info("store available again")
@@ -211,8 +244,13 @@ class Limiter:
             if self.metrics is not None:
                 self.metrics.rejection(team.name, limit)
             raise self._refusal(team, limit, int(r[2]), int(r[3]), tokens, headers)
-        return StoreAdmission(self, team, date=_s(r[4]), month=_s(r[5]), reserved=tokens,
-                              lease_id=lease_id, headers=headers, plan=plan)
+        adm = Admission(self, plan, aid, date=_s(r[4]), month=_s(r[5]), reserved=tokens,
+                        reserved_micro=micro, headers=headers)
+        live = self._live.get(team.name)
+        if live is None:
+            live = self._live[team.name] = (plan, set())
+        live[1].add(aid)
+        return adm
 
     def _local_period(self) -> dict[str, str]:
         date, month = ledger.period(self.clock() if self.clock else time.time())
@@ -252,22 +290,127 @@ class Limiter:
         msg = f"Rate limit reached for {who}: {what}. Retry in {format_duration(retry_s)}."
         return RateLimited(msg, limit=limit, retry_after_s=retry_s, headers=headers)
 
-    async def _settle(self, adm: StoreAdmission, usage: Usage, cached: bool) -> None:
-        team = adm.team
-        plan = adm.plan if adm.plan is not None else self._plan(team)
+    # ---- settlement and release -----------------------------------------------------------------
+
+    async def _settle(self, adm: Admission, usage: Usage, cached: bool) -> None:
+        plan = adm.plan
+        live = self._live.get(plan.team.name)
+        if live is not None:
+            live[1].discard(adm.id)
+        charged, micro = (0, 0) if cached else (usage.total, micro_usd(usage.cost_usd))
+        args = (self._now_arg(), adm.id, charged, micro, adm.reserved, adm.reserved_micro, adm.date, adm.month,
+                *plan.settle_args, *ledger.increments(usage, cached=cached))
         try:
-            day_tokens, month_micro = await self.store.run_script(
-                "settle",
-                (plan.tpm_key, plan.leases_key, ledger.day_key(team.name, adm.date),
-                 ledger.month_key(team.name, adm.month)),
-                (self._now_arg(), adm.reserved, 0 if cached else usage.total, adm.lease_id, *plan.settle_args,
-                 *ledger.increments(usage, cached=cached)),
-            )
+            r = await self.store.run_script("settle", plan.settle_keys(adm.id), args)
         except StoreError as e:
             self._store_failed("settle", e)
+            self._owe(plan.settle_keys(adm.id), args)
             return
-        adm.remaining = ledger.remaining(team, int(day_tokens), int(month_micro))
+        if not int(r[0]):
+            return
+        adm.remaining = ledger.remaining(plan.team, int(r[1]), int(r[2]))
         if self.metrics is not None:
             for quota, value in adm.remaining.items():
                 if value is not None:
-                    self.metrics.quota_remaining(team.name, quota, value)
+                    self.metrics.quota_remaining(plan.team.name, quota, value)
+
+    def _release(self, plan: _Plan, admission_id: str) -> None:
+        """Undo, by its id, an admission the gateway gave up on; done by the renewal task."""
+        self._owe(plan.settle_keys(admission_id),
+                  (self._now_arg(), admission_id, b"", 0, 0, 0, b"", b"", *plan.settle_args))
+
+    def _owe(self, keys: tuple, args: tuple) -> None:
+        if len(self._owed) >= MAX_OWED:
+            self._dropped(1)
+            self._owed.popleft()
+        self._owed.append(("settle", keys, args))
+        self._wake.set()
+
+    def _dropped(self, n: int) -> None:
+        log.error("%d settle(s) or release(s) dropped: the store stayed unavailable; usage is missing from the "
+                  "ledger and reservations stay charged", n)
+        if self.metrics is not None:
+            self.metrics.store_error("settle_dropped")
+
+    # ---- the renewal task -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the renewal task (call from within the running loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="limiter-renewal")
+
+    async def close(self) -> None:
+        """Stop the renewal task; make one last attempt at what is still owed."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._repay()
+        if self._owed:
+            self._dropped(len(self._owed))
+            self._owed.clear()
+
+    async def _run(self) -> None:
+        """Every tick, renew; and retry what is owed, at once when something new is. Each call
+        may wait up to two ticks for a slow store, so renewals overlap rather than wait for one
+        another: a lease runs out only if none of them gets through in its ttl."""
+        jobs: set[asyncio.Task] = set()
+        repaying: asyncio.Task | None = None
+        loop = asyncio.get_running_loop()
+        next_renewal = loop.time()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(next_renewal):
+                        await self._wake.wait()
+                except TimeoutError:
+                    next_renewal += self._tick_s
+                    jobs.add(task := loop.create_task(self._renew()))
+                    task.add_done_callback(jobs.discard)
+                self._wake.clear()
+                if self._owed and (repaying is None or repaying.done()):
+                    jobs.add(repaying := loop.create_task(self._repay()))
+                    repaying.add_done_callback(jobs.discard)
+        finally:
+            for task in jobs:
+                task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _renew(self) -> None:
+        """One renew.lua call per team with live admissions here (one hash tag each)."""
+        calls = []
+        for plan, ids in self._live.values():
+            if ids:
+                ids_now = tuple(ids)
+                calls.append(self.store.run_script(
+                    "renew", (plan.leases_key, *map(plan.record_key, ids_now)),
+                    (self._now_arg(), math.ceil(self.lease_ttl_s * 1000), *ids_now), timeout_s=2 * self._tick_s))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, StoreError):  # the next tick tries again, well within the ttl
+                self._store_failed("renew", result)
+            elif isinstance(result, Exception):
+                log.error("lease renewal failed", exc_info=result)
+
+    @property
+    def owed(self) -> int:
+        """Settles and releases waiting for the store to answer."""
+        return len(self._owed)
+
+    async def _repay(self) -> None:
+        """Run what is owed; what fails stays owed (in place), for the next tick."""
+        owed = list(self._owed)
+        if not owed:
+            return
+        results = await asyncio.gather(*(self.store.run_script(*call, timeout_s=2 * self._tick_s) for call in owed),
+                                       return_exceptions=True)
+        done = set()
+        for call, result in zip(owed, results):
+            if isinstance(result, StoreError):
+                continue
+            done.add(id(call))
+            if isinstance(result, Exception):  # a bug, not the store: retrying would not help
+                log.error("an owed settle failed", exc_info=result)
+                self._dropped(1)
+        if done:
+            self._owed = deque(call for call in self._owed if id(call) not in done)
+            log.info("%d owed settle(s) or release(s) done", len(done))

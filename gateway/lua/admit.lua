@@ -3,21 +3,50 @@
 -- Cluster (every key carries the team's hash tag) and on the embedded store. Times are in
 -- milliseconds since the epoch, from Redis' own clock unless a test injects one.
 --
+-- All or nothing: every argument, then every limit, is checked before the first write, so a
+-- bad argument or a refusal leaves the store exactly as it was (Redis does not roll back).
+--
 -- KEYS[1] rpm bucket, KEYS[2] tpm bucket: GCRA "theoretical arrival time" (a token bucket whose
---         burst is one minute's worth), KEYS[3] leases: zset lease id -> expiry,
+--         burst is one minute's worth), KEYS[3] leases: zset admission id -> expiry,
 -- KEYS[4] usage prefix: the day and month ledger hashes are KEYS[4]..'day:YYYY-MM-DD' and
---         KEYS[4]..'month:YYYY-MM' (same hash tag; derived here because the day comes from TIME).
--- Per request:  ARGV[1] now_ms or ''   ARGV[2] tokens reserved   ARGV[3] lease id
+--         KEYS[4]..'month:YYYY-MM' (same hash tag; derived here because the day comes from TIME),
+-- KEYS[5] the admission's record: what it reserved, 'tokens micro-$ day month', so that
+--         settle.lua and a release undo exactly that. Holding 'x' (a release ran first: the
+--         gateway gave this admission up), nothing is admitted or written.
+-- Per request:  ARGV[1] now_ms or ''   ARGV[2] tokens reserved   ARGV[3] micro-$ reserved
+--               ARGV[4] admission id
 -- Per team (the same for each of its requests):
--- ARGV[4] requests_per_minute or ''   ARGV[5] tokens_per_minute or ''   ARGV[6] max_concurrent or ''
--- ARGV[7] lease ttl ms      ARGV[8] tokens_per_day or ''        ARGV[9] usd_per_month in micro-$ or ''
--- ARGV[10] day ledger ttl s ARGV[11] day field counting tokens against the quota
--- ARGV[12] month field holding micro-dollars spent
+-- ARGV[5] requests_per_minute or ''   ARGV[6] tokens_per_minute or ''   ARGV[7] max_concurrent or ''
+-- ARGV[8] lease (and record) ttl ms   ARGV[9] tokens_per_day or ''   ARGV[10] usd_per_month in micro-$ or ''
+-- ARGV[11] day ledger ttl s           ARGV[12] month ledger ttl s
+-- ARGV[13] day field counting tokens against tokens_per_day
+-- ARGV[14] month field counting micro-dollars against usd_per_month
 -- Returns {admitted 1|0, refused limit or '', retry_ms, now_ms, 'YYYY-MM-DD', 'YYYY-MM',
 --          rpm_remaining, rpm_reset_ms, tpm_remaining, tpm_reset_ms, day_tokens,
---          month_cost_micro, day_reset_ms, month_reset_ms}
+--          month_micro, day_reset_ms, month_reset_ms}
 
-local now = tonumber(ARGV[1])
+local BIG = 1e12  -- any count or rate above this is a caller's bug; keeps every sum exact
+
+-- ARGV[i] as a number in [lo, hi] (a whole one unless real), nil when optional and ''.
+local function arg(i, lo, hi, optional, real)
+  local s = ARGV[i]
+  if optional and s == '' then return nil end
+  local n = tonumber(s)
+  if not n or n ~= n or n < lo or n > hi or (not real and n ~= math.floor(n)) then
+    error('admit: ARGV[' .. i .. '] out of range: ' .. tostring(s))
+  end
+  return n
+end
+
+local now = arg(1, 0, 1e15, true, true)
+local tokens, micro = arg(2, 0, BIG), arg(3, 0, BIG)
+local rpm, tpm, max_conc = arg(5, 1, BIG, true), arg(6, 1, BIG, true), arg(7, 1, BIG, true)
+local ttl, tpd, upm = arg(8, 1, BIG), arg(9, 1, BIG, true), arg(10, 0, BIG, true)
+arg(11, 1, BIG)
+arg(12, 1, BIG)
+local id = ARGV[4]
+if id == '' or ARGV[13] == '' or ARGV[14] == '' then error('admit: empty id or field name') end
+
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -65,6 +94,8 @@ local function level(rate, tat)
   return math.max(0, left), math.max(0, tat - now)
 end
 
+local function int(n) return string.format('%d', n) end
+
 local refused, retry = '', -1
 local function refuse(limit, ms)
   if ms > retry then refused, retry = limit, ms end
@@ -78,23 +109,23 @@ local day_key, month_key = KEYS[4] .. 'day:' .. date, KEYS[4] .. 'month:' .. mon
 local day_reset = (day_n + 1) * DAY - now
 local month_reset = (day_n - d + 1 + month_days(y, m)) * DAY - now
 
-local tpd, upm = tonumber(ARGV[8]), tonumber(ARGV[9])
-local day_tokens = tonumber(redis.call('HGET', day_key, ARGV[11])) or 0
-local month_cost = tonumber(redis.call('HGET', month_key, ARGV[12])) or 0
-if tpd and day_tokens >= tpd then refuse('tokens_per_day', day_reset) end
-if upm and month_cost >= upm then refuse('usd_per_month', month_reset) end
-
-local max_conc = tonumber(ARGV[6])
-if max_conc then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= max_conc then
-    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    refuse('max_concurrent', math.max(1, math.min(1000, tonumber(first[2]) - now)))
-  end
+if redis.call('EXISTS', KEYS[5]) == 1 then  -- released before it ran: the gateway gave it up
+  return {0, 'released', 0, math.floor(now), date, month, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
-local tokens = tonumber(ARGV[2])
-local rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Quotas: in-flight reservations count, so only the request that crosses a quota overspends.
+local day_tokens = tonumber(redis.call('HGET', day_key, ARGV[13])) or 0
+local month_micro = tonumber(redis.call('HGET', month_key, ARGV[14])) or 0
+if tpd and day_tokens >= tpd then refuse('tokens_per_day', day_reset) end
+if upm and month_micro >= upm then refuse('usd_per_month', month_reset) end
+
+local live = string.format('(%.3f', now)  -- leases still running (expired ones are dead replicas')
+if max_conc and redis.call('ZCOUNT', KEYS[3], live, '+inf') >= max_conc then
+  -- the earliest a slot can free: when the lease that expires first runs out (if not renewed)
+  local first = redis.call('ZRANGEBYSCORE', KEYS[3], live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  refuse('max_concurrent', math.max(1, tonumber(first[2]) - now))
+end
+
 local r_ok, r_tat, r_new, r_retry, t_ok, t_tat, t_new, t_retry
 if rpm then
   r_ok, r_tat, r_new, r_retry = bucket(KEYS[1], rpm, 1)
@@ -105,26 +136,32 @@ if tpm then
   if not t_ok then refuse('tokens_per_minute', t_retry) end
 end
 
+-- Every check passed: from here on, only writes.
 local admitted = 0
 if refused == '' then
   admitted, retry = 1, 0
   if rpm then
     r_tat = r_new
-    redis.call('SET', KEYS[1], string.format('%.3f', r_tat), 'PX', math.ceil(r_tat - now) + KEEP)
+    redis.call('SET', KEYS[1], string.format('%.3f', r_tat), 'PX', int(math.ceil(r_tat - now) + KEEP))
   end
   if tpm then
     t_tat = t_new
-    redis.call('SET', KEYS[2], string.format('%.3f', t_tat), 'PX', math.ceil(t_tat - now) + KEEP)
+    redis.call('SET', KEYS[2], string.format('%.3f', t_tat), 'PX', int(math.ceil(t_tat - now) + KEEP))
   end
   if max_conc then
-    local ttl = tonumber(ARGV[7])
-    redis.call('ZADD', KEYS[3], now + ttl, ARGV[3])
-    redis.call('PEXPIRE', KEYS[3], math.ceil(ttl) + KEEP)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('%.3f', now))  -- dead replicas' leases
+    redis.call('ZADD', KEYS[3], string.format('%.3f', now + ttl), id)
+    redis.call('PEXPIRE', KEYS[3], int(ttl + KEEP))
   end
   if tokens > 0 then
-    day_tokens = redis.call('HINCRBY', day_key, ARGV[11], tokens)
-    redis.call('EXPIRE', day_key, ARGV[10])
+    day_tokens = redis.call('HINCRBY', day_key, ARGV[13], int(tokens))
+    redis.call('EXPIRE', day_key, ARGV[11])
   end
+  if micro > 0 then
+    month_micro = redis.call('HINCRBY', month_key, ARGV[14], int(micro))
+    redis.call('EXPIRE', month_key, ARGV[12])
+  end
+  redis.call('SET', KEYS[5], int(tokens) .. ' ' .. int(micro) .. ' ' .. date .. ' ' .. month, 'PX', int(ttl))
 end
 
 local r_left, r_reset, t_left, t_reset = 0, 0, 0, 0
@@ -132,4 +169,4 @@ if rpm then r_left, r_reset = level(rpm, r_tat) end
 if tpm then t_left, t_reset = level(tpm, t_tat) end
 return {admitted, refused, math.ceil(retry), math.floor(now), date, month,
         r_left, math.ceil(r_reset), t_left, math.ceil(t_reset),
-        day_tokens, month_cost, math.ceil(day_reset), math.ceil(month_reset)}
+        day_tokens, month_micro, math.ceil(day_reset), math.ceil(month_reset)}

@@ -256,6 +256,49 @@ async def test_quota_refusal_names_the_quota_and_when_it_resets(start_gateway, h
     assert (await c.chat())[0] == 200
 
 
+async def test_usd_per_month_holds_under_10_concurrent_requests(start_gateway, http, redis_server):
+    """Each request reserves its priced estimate at admission: with $0.15 (one request's estimate
+    is about $0.147), the first is admitted, the second crosses the quota, the other 8 are refused
+    while those two are in flight; what was spent is what those two cost, never 10 requests' worth."""
+    redis_server.start()
+    redis_server.flush()
+    clock = Clock(utc("2026-03-10T12:00:00"))
+    gw = await start_gateway({"alpha": {"quota": {"usd_per_month": 0.15}}}, store={"url": redis_server.url},
+                             clock=clock)
+    c = Caller(gw, http)
+    answers = await asyncio.gather(*(c.chat(**body(f"poster {i}", sim_fault="latency_ms=300")) for i in range(10)))
+
+    ok = [a for status, _, a in answers if status == 200]
+    refused = [(status, a["error"]["code"]) for status, _, a in answers if status != 200]
+    assert len(ok) == 2 and refused == [(429, "insufficient_quota")] * 8
+    status, report = await c.get("/v1/usage", gw.key())
+    assert status == 200
+    month = report["month"]
+    assert month["requests"] == 2
+    assert month["cost_usd"] == pytest.approx(sum(cost(a["usage"]) for a in ok))
+    assert month["cost_usd"] <= 0.15 + max(cost(a["usage"]) for a in ok)
+    assert month["quota_micro"] == round(month["cost_usd"] * 1_000_000)  # nothing left reserved
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_a_huge_max_tokens_is_refused_before_anything_is_reserved(start_gateway, http, redis_server, field):
+    redis_server.start()
+    redis_server.flush()
+    gw = await start_gateway({"alpha": {"limits": {"requests_per_minute": 5, "tokens_per_minute": 10000,
+                                                   "max_concurrent": 2},
+                                        "quota": {"tokens_per_day": 10**6, "usd_per_month": 10}}},
+                             store={"url": redis_server.url})
+    c = Caller(gw, http)
+    status, _, err = await c.chat(**body(**{field: 100000000000000000}))
+    assert status == 400
+    assert err["error"]["code"] == "invalid_request" and err["error"]["param"] == field
+    assert "32768" in err["error"]["message"]
+    with redis_server.client() as r:
+        assert r.dbsize() == 0  # no bucket, lease, reservation or ledger entry
+    status, headers, _ = await c.chat()
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "4"
+
+
 # -- the usage endpoints ---------------------------------------------------------------------------
 
 

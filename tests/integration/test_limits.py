@@ -90,19 +90,23 @@ async def test_max_concurrent_is_never_exceeded_across_replicas(store_url):
     assert peak == 5 and served > 5
 
 
+PATIENCE_S = 1.0  # how long each admission waits for the store (a request's deadline)
+
+
 async def _load(lim: Limiter, t, outcomes: list, stop: asyncio.Event) -> None:
-    """Batches of concurrent requests until told to stop; each must answer within 5 s."""
+    """Batches of concurrent requests until told to stop; each must answer within 10 s (a settle
+    waits for a stalled store until its socket timeout, 5 s, says it is down)."""
 
     async def one() -> str:
         try:
-            a = await lim.admit(t, request())
+            a = await lim.admit(t, request(), deadline=asyncio.get_running_loop().time() + PATIENCE_S)
         except StoreUnavailable:
             return "unavailable"
         await a.settle(Usage(prompt=1, completion=1))
         return "ok"
 
     while not stop.is_set():
-        batch = [asyncio.wait_for(one(), 5) for _ in range(20)]
+        batch = [asyncio.wait_for(one(), 10) for _ in range(20)]
         outcomes.extend(await asyncio.gather(*batch, return_exceptions=True))
         await asyncio.sleep(0.01)
 
@@ -121,14 +125,24 @@ def _busy_team():
 @pytest.mark.parametrize("mode", ["open", "closed"])
 @pytest.mark.parametrize("failure", ["kill", "pause"])
 async def test_redis_failing_mid_load_answers_promptly_then_recovers(fresh_redis_server, mode, failure):
+    """``kill``: down, so ``on_error`` decides. ``pause``: slow past each request's patience,
+    which is not an outage (503 whatever ``on_error`` says) until a connection stays silent for
+    the socket timeout (down). Either way no request hangs and no admission is left behind."""
     store = await connect(fresh_redis_server.url)
-    lim = Limiter(store, CONFIG, on_error=mode)
+    lim = Limiter(store, CONFIG, on_error=mode, lease_ttl_s=3)
+    lim.start()
+    t = _busy_team()
     outcomes: list = []
     stop = asyncio.Event()
-    load = asyncio.create_task(_load(lim, _busy_team(), outcomes, stop))
+    load = asyncio.create_task(_load(lim, t, outcomes, stop))
     await _until(lambda: "ok" in outcomes, 5, "no load before the failure")
-    fresh_redis_server.kill() if failure == "kill" else fresh_redis_server.pause()
-    await _until(lambda: not store.healthy, 5, "the failure went unnoticed")
+    before = len(outcomes)
+    if failure == "kill":
+        fresh_redis_server.kill()
+        await _until(lambda: not store.healthy, 5, "the failure went unnoticed")
+    else:
+        fresh_redis_server.pause()
+        await _until(lambda: "unavailable" in outcomes[before:] or not store.healthy, 10, "the stall went unnoticed")
     await asyncio.sleep(1.5)  # more load against the dead/hung Redis
     during = len(outcomes)
     fresh_redis_server.start() if failure == "kill" else fresh_redis_server.resume()
@@ -136,9 +150,14 @@ async def test_redis_failing_mid_load_answers_promptly_then_recovers(fresh_redis
     await _until(lambda: store.healthy and "ok" in outcomes[during:], 10, "the store did not recover")
     stop.set()
     await load
+    await _until(lambda: lim.owed == 0, 10, "what was given up was not released")
+    leases = await store.client.zcard(limit_keys(t.name)[2])
+    await lim.close()
     await store.close()
     assert not [o for o in outcomes if isinstance(o, BaseException)]  # no hang, nothing leaked
-    assert ("unavailable" in outcomes[:during]) == (mode == "closed")
+    assert leases == 0
+    if failure == "kill":
+        assert ("unavailable" in outcomes[before:during]) == (mode == "closed")
 
 
 async def test_cluster_losing_a_master_answers_promptly_then_recovers(tmp_path):

@@ -15,14 +15,14 @@ import pytest
 from gateway.limits import ledger
 from gateway.config import Config, Limits, ModelConfig, Prices, Quota, Team, UpstreamConfig
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
-from gateway.limits.limiter import Limiter, NoopAdmission, estimate_tokens, format_duration
+from gateway.limits.limiter import Limiter, estimate_tokens, format_duration, limit_keys
 from gateway.store import StoreError, connect
-from gateway.usage import Usage
+from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest
 
 MODEL = ModelConfig(id="m", upstream_id="m", prices=Prices(prompt=2, completion=12, image=120),
                     default_completion_tokens=2200)
-CONFIG = Config(models=(MODEL,), upstream=UpstreamConfig(timeout_s=300))
+CONFIG = Config(models=(MODEL,), upstream=UpstreamConfig(timeout_s=300))  # leases: store.lease_ttl_s, 15 s
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc).timestamp()
 _names = itertools.count()
 
@@ -74,6 +74,58 @@ async def store():
     s = await connect("memory://")
     yield s
     await s.close()
+
+
+class StalledStore:
+    """Holds the next admit script until ``go`` is set, as a stalled store would; it then runs."""
+
+    def __init__(self, inner):
+        self.inner, self.held, self.go, self.done = inner, asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._late: asyncio.Task | None = None
+
+    async def run_script(self, name, keys, args, **kw):
+        if name == "admit" and self._late is None:
+            self._late = asyncio.create_task(self._run_late(keys, args))
+            return await asyncio.shield(self._late)
+        return await self.inner.run_script(name, keys, args, **kw)
+
+    async def _run_late(self, keys, args):
+        self.held.set()
+        await self.go.wait()
+        try:
+            return await self.inner.run_script("admit", keys, args)
+        finally:
+            self.done.set()
+
+    async def done_result(self):
+        return await self._late
+
+
+class LossyStore:
+    """Runs the first settle, then raises as if its answer had been lost on the way back."""
+
+    on_error = None
+
+    def __init__(self, inner):
+        self.inner, self.lost = inner, False
+
+    async def run_script(self, name, keys, args, **kw):
+        result = await self.inner.run_script(name, keys, args, **kw)
+        if name == "settle" and not self.lost:
+            self.lost = True
+            raise StoreError("store settle failed: no answer in time", op=name)
+        return result
+
+
+async def assert_nothing_held(store, lim: Limiter, t: Team) -> None:
+    """No lease, no tokens, no dollars still reserved: a new admission sees the team untouched."""
+    plan = lim._plan(t)
+    assert await store.client.zcard(plan.leases_key) == 0
+    assert await store.client.exists(plan.tpm_key) == 0
+    day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25), month="2026-11"))
+    assert day["day"]["quota_tokens"] == 0 and day["month"]["quota_micro"] == 0
+    a = await lim.admit(t, request())
+    assert a.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 2300)
 
 
 class TestBehaviour:
@@ -290,6 +342,113 @@ class TestBehaviour:
         assert day["requests"] == 1 and day["images_out"] == 1 and day["tokens"]["completion"] == 7
 
 
+    async def test_a_request_whose_usage_is_unknown_is_charged_its_estimate(self, store):
+        lim = Limiter(store, CONFIG, clock=Clock())
+        t = team(Limits(tokens_per_minute=10_000), Quota(tokens_per_day=10**6, usd_per_month=5))
+        req = request()
+        a = await lim.admit(t, req)
+        charged = estimate(req).priced(MODEL.prices)  # what the handler settles when the provider said nothing
+        await a.settle(charged)
+        got = await ledger.read_usage(store, t.name, day=date(2026, 11, 25), month="2026-11")
+        assert got["day"]["quota_tokens"] == a.reserved == 2300
+        assert got["day"]["tokens"]["completion"] == 2200 and got["day"]["requests"] == 1
+        assert got["month"]["quota_micro"] == a.reserved_micro == round(charged.cost_usd * 1_000_000)
+        assert got["month"]["cost_usd"] == pytest.approx(charged.cost_usd)
+
+    async def test_a_bad_argument_to_admit_writes_nothing(self, store):
+        t = team(Limits(requests_per_minute=10, tokens_per_minute=1000, max_concurrent=2),
+                 Quota(tokens_per_day=10**6, usd_per_month=5))
+        lim = Limiter(store, CONFIG, clock=Clock())
+        plan = lim._plan(t)
+        day, month = ledger.day_key(t.name, "2026-11-25"), ledger.month_key(t.name, "2026-11")
+        for tokens in (10**17, -1, 2.5, "12abc", "nan", ""):
+            with pytest.raises(StoreError):
+                await store.run_script("admit", (*plan.admit_keys, plan.record_key("a1")),
+                                       (T0 * 1000, tokens, 0, "a1", *plan.admit_args))
+        assert await store.client.exists(*limit_keys(t.name), day, month, plan.record_key("a1")) == 0
+
+    async def test_usd_per_month_reserves_the_priced_estimate(self, store):
+        lim = Limiter(store, CONFIG, clock=Clock())
+        t = team(quota=Quota(usd_per_month=0.15))  # one request's estimate is $0.14756
+        results = await asyncio.gather(*(lim.admit(t, request()) for _ in range(10)), return_exceptions=True)
+        admissions = [r for r in results if not isinstance(r, Exception)]
+        assert len(admissions) == 2  # the second crosses the quota; in flight, they hold it
+        assert {r.limit for r in results if isinstance(r, Exception)} == {"usd_per_month"}
+        await admissions[0].settle(Usage(prompt=10, completion=10, cost_usd=0.01))
+        assert admissions[0].remaining["usd_per_month"] == 0  # the other still holds its estimate
+        await admissions[1].settle(Usage(prompt=10, completion=10, cost_usd=0.02))
+        assert admissions[1].remaining["usd_per_month"] == pytest.approx(0.12)
+        month = (await ledger.read_usage(store, t.name, month="2026-11"))["month"]
+        assert month["cost_usd"] == pytest.approx(0.03) and month["quota_micro"] == 30_000
+
+    async def test_max_concurrent_retry_after_is_when_the_first_lease_can_expire(self, store):
+        clock = Clock()
+        lim, t = Limiter(store, CONFIG, clock=clock), team(Limits(max_concurrent=1))
+        await lim.admit(t, request())
+        clock.advance(4)
+        with pytest.raises(RateLimited) as e:
+            await lim.admit(t, request())
+        assert e.value.headers["retry-after-ms"] == "11000"  # store.lease_ttl_s is 15 s
+
+    async def test_a_renewed_lease_outlives_its_ttl_until_settled(self, store):
+        clock = Clock()
+        lim, t = Limiter(store, CONFIG, clock=clock, lease_ttl_s=10), team(Limits(max_concurrent=1))
+        a = await lim.admit(t, request())
+        for _ in range(5):  # 45 s: four and a half ttls
+            clock.advance(9)
+            await lim._renew()
+            with pytest.raises(RateLimited):
+                await lim.admit(t, request())
+        await a.settle(Usage(prompt=1))
+        await lim.admit(t, request())
+
+    async def test_a_given_up_admission_is_released_by_its_id(self, store):
+        """The caller gave up (cancelled) while admit.lua was in flight; the script ran anyway."""
+        t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
+        stalled = StalledStore(store)
+        lim = Limiter(stalled, CONFIG, clock=Clock())
+        caller = asyncio.create_task(lim.admit(t, request()))
+        await stalled.held.wait()
+        caller.cancel()
+        stalled.go.set()  # the script runs, nobody reads its answer
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await stalled.done.wait()
+        await lim._repay()
+        assert lim.owed == 0
+        await assert_nothing_held(store, lim, t)
+
+    async def test_a_release_that_runs_before_the_late_admit_leaves_a_tombstone(self, store):
+        t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
+        stalled = StalledStore(store)
+        lim = Limiter(stalled, CONFIG, clock=Clock())
+        caller = asyncio.create_task(lim.admit(t, request()))
+        await stalled.held.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await lim._repay()  # the release reaches the store first
+        stalled.go.set()
+        assert int((await stalled.done_result())[0]) == 0  # the late admit found the tombstone
+        await assert_nothing_held(store, lim, t)
+
+    async def test_a_settle_whose_answer_was_lost_is_retried_and_counted_once(self, store):
+        t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
+        lossy = LossyStore(store)
+        lim = Limiter(lossy, CONFIG, clock=Clock())
+        a = await lim.admit(t, request())
+        await a.settle(Usage(prompt=100, completion=200, cost_usd=0.5))  # ran, but its answer was lost
+        assert lim.owed == 1
+        await lim._repay()
+        assert lim.owed == 0
+        day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25)))["day"]
+        assert day["requests"] == 1 and day["tokens"]["prompt"] == 100 and day["quota_tokens"] == 300
+        month = (await ledger.read_usage(store, t.name, month="2026-11"))["month"]
+        assert month["cost_usd"] == 0.5 and month["quota_micro"] == 500_000
+        b = await lim.admit(t, request())  # the lease came back
+        assert b.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 300 - 2300)
+
+
 # --- memory-only: pure helpers, round trips, failure handling ------------------------------
 
 
@@ -313,9 +472,9 @@ class CountingStore:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    async def run_script(self, name, keys, args):
+    async def run_script(self, name, keys, args, **kw):
         self.calls.append(name)
-        return await self.inner.run_script(name, keys, args)
+        return await self.inner.run_script(name, keys, args, **kw)
 
 
 async def test_admission_and_settlement_are_one_round_trip_each(store):
@@ -336,7 +495,7 @@ async def test_admission_and_settlement_are_one_round_trip_each(store):
 class BrokenStore:
     on_error = None
 
-    async def run_script(self, name, keys, args):
+    async def run_script(self, name, keys, args, **kw):
         raise StoreError("store admit failed: ConnectionError", op=name)
 
 
@@ -367,6 +526,17 @@ async def test_store_down_fails_closed_with_503():
     with pytest.raises(StoreUnavailable) as e:
         await lim.admit(team(Limits(requests_per_minute=1)), request())
     assert e.value.status == 503 and e.value.code == "store_unavailable" and "retry-after" in e.value.headers
+
+
+async def test_a_settle_the_store_never_took_is_kept_then_dropped_loudly_at_shutdown(caplog):
+    metrics = Metrics()
+    lim = Limiter(BrokenStore(), CONFIG, on_error="open", metrics=metrics, clock=Clock())
+    a = await lim.admit(team(Limits(requests_per_minute=1)), request())
+    await a.settle(Usage(prompt=1, completion=1))
+    assert lim.owed == 2  # the settle, and the release of the admission the store never answered
+    await lim.close()
+    assert lim.owed == 0 and metrics.errors[-1] == "settle_dropped"
+    assert "dropped" in caplog.text
 
 
 async def test_unreachable_redis_is_a_store_error_and_counted_once():
@@ -412,34 +582,16 @@ async def test_settle_survives_the_caller_being_cancelled(store):
     await lim.admit(t, request())  # the lease came back anyway
 
 
-async def test_noop_admission():
-    a = NoopAdmission()
-    assert a.headers == {}
-    await a.settle(Usage(prompt=1))
-
-
 def test_lease_ids_are_unique_and_a_forked_child_draws_a_new_prefix():
-    from gateway.limits.limiter import _LeaseIds
+    from gateway.limits.limiter import _Ids
 
-    ids = _LeaseIds()
+    ids = _Ids()
     drawn = {ids.next() for _ in range(10_000)}
     assert len(drawn) == 10_000
     prefix = next(iter(drawn)).split(":")[0]
     ids._reset()  # what os.register_at_fork runs in a child
     assert ids.next().split(":")[0] != prefix and len(prefix) == 18
-    assert _LeaseIds().next().split(":")[0] != prefix  # another process (or replica)
-
-
-async def test_a_reconfigured_team_is_admitted_with_its_new_limits(store):
-    lim, t = Limiter(store, CONFIG, clock=Clock()), team(Limits(requests_per_minute=5))
-    assert (await lim.admit(t, request())).headers["x-ratelimit-limit-requests"] == "5"
-    again = Team(name=t.name, limits=Limits(requests_per_minute=50, tokens_per_minute=10**6))
-    a = await lim.admit(again, request())
-    assert a.headers["x-ratelimit-limit-requests"] == "50" and a.headers["x-ratelimit-limit-tokens"] == "1000000"
-    # the same bucket: 12 s used by the first request (at 5/min) + 1.2 s by this one, at 50/min
-    assert a.headers["x-ratelimit-remaining-requests"] == "39"
-    unlimited = await lim.admit(Team(name=t.name), request())
-    assert unlimited.headers == {}
+    assert _Ids().next().split(":")[0] != prefix  # another process (or replica)
 
 
 def test_ledger_increments_skip_zeros_in_field_order():
