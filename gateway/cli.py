@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -77,6 +78,8 @@ def cmd_serve(args) -> int:
 
     path = config_path(args.config)
     config = _load_or_exit(path)
+    if not args.reuse_port:  # the supervisor's workers (--reuse-port) leave it to the supervisor
+        _warn_literal_secrets(path, config)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     if args.workers < 1:
@@ -89,6 +92,16 @@ def cmd_serve(args) -> int:
             )
         return run_supervisor(path, host, port, args.workers)
     return run_worker(config, host, port, reuse_port=args.reuse_port)
+
+
+def _warn_literal_secrets(path: str, config: config_mod.Config) -> None:
+    """Log the check-config warnings once, in the configured log format."""
+    from gateway.config.loader import literal_secrets
+    from gateway.observability.accesslog import configure_logging
+
+    configure_logging(config.logging)
+    for warning in literal_secrets(path):
+        logging.getLogger("gateway.config").warning("%s: %s", path, warning)
 
 
 def cmd_simulate(args) -> int:
@@ -119,10 +132,12 @@ def cmd_keys_new(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from gateway.config.loader import check_config
+    from gateway.config.loader import check_config, literal_secrets
 
     path = config_path(args.config)
     problems = check_config(path)
+    for warning in literal_secrets(path):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     if problems:
         print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:

@@ -2,7 +2,7 @@
 
 Everything is checked before any upstream cost, cheapest first: JSON, ``model``, the shape of
 ``messages`` and of every content part, the scalar parameters, the number of images, and only
-then each image's base64, magic number and size (``images.py``), one image at a time.
+then each image's base64, magic number and size (``images/inputs.py``), one image at a time.
 Each error's ``param`` is the path of the field at fault (``messages[0].content[2]``) and its
 message starts with it.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian/Ubuntu machine, then run all of it.
 # System packages (redis-server, prometheus) are installed with apt when missing (needs root);
-# Python packages go into ./.venv. Extra arguments are passed to pytest.
+# Python packages go into ./.venv. Extra arguments are passed to pytest, after the default
+# `-n 2` (two xdist workers, one per core of the CI machine; `-n 0` runs in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +30,4 @@ fi
 .venv/bin/python -m pip install -q -e '.[test,fast]'
 
 export GATEWAY_REQUIRE_REDIS=1 GATEWAY_REQUIRE_PROMETHEUS=1
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 2 "$@"

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.logscan",
     "tests.fixtures.load",
+    "tests.fixtures.processes",
 ]

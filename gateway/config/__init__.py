@@ -40,9 +40,9 @@ class ServerConfig:
 class UpstreamConfig:
     base_url: str = "https://api.yisu.com"
     api_key: str = ""
-    timeout_s: float = 300
+    timeout_s: float = 300  # one deadline per request, from admission: attempts, their waits, single-flight
     connect_timeout_s: float = 10
-    max_retries: int = 2
+    max_retries: int = 2  # retried only what cannot have started: no connection, 429, 503 with Retry-After
 
 
 @dataclass(frozen=True, slots=True)

@@ -304,3 +304,31 @@ def check_config(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
     except (OSError, UnicodeDecodeError) as e:
         return [f"{os.fspath(path)}: cannot read: {getattr(e, 'strerror', None) or e}"]
     return []
+
+
+# Keys whose value is a secret -> the variable the example config takes it from.
+_SECRETS = {"upstream.api_key": "UPSTREAM_API_KEY"}
+
+
+def literal_secrets(path: str | os.PathLike) -> list[str]:
+    """Warnings, by key path, for secrets written in the file instead of taken from ``${VAR}``
+    (a ``${VAR:-default}`` default counts as written): a file gets copied and committed.
+
+    The file is read again with an empty environment, so every reference stays a sentinel: a
+    value holding one came from the environment. An unreadable file gives none (``check_config``
+    says why)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text, pending = _substitute(f.read(), {})
+        data = _read_yaml(text)[0]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    warnings = []
+    for key_path, var in _SECRETS.items():
+        value = data
+        for key in key_path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str) and value.strip() and not any(s in value for s in pending):
+            warnings.append(f"{key_path}: a secret written in the file; secrets belong in the "
+                            f"environment: write ${{{var}}} and export {var}")
+    return warnings

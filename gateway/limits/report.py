@@ -1,7 +1,7 @@
 """``gateway usage``: the usage ledger of every team (or one), read from the store, as a table
 or JSON.
 
-The ledger lives in the store the gateways write (gateway/ledger.py), so this command reads the
+The ledger lives in the store the gateways write (gateway/limits/ledger.py), so this command reads the
 same numbers as ``GET /admin/usage`` without going through a gateway. The embedded store
 (``memory://``) lives inside the gateway process and cannot be read from outside it.
 

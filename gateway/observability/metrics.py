@@ -10,7 +10,7 @@ included, since they crossed the gateway.
 
 Several workers share their metrics through prometheus_client's multiprocess mode (see
 ``metrics_multiprocess``); use one ``Metrics`` per process in that mode: instances of one
-process share its files. The request path's fast counting lives in ``metrics_tally``.
+process share its files. The request path's fast counting lives in ``observability.tally``.
 """
 from __future__ import annotations
 

@@ -170,6 +170,8 @@ class RedisStore:
         probe = not self.healthy  # down: this operation probes, the rest fail fast meanwhile
         if probe:
             self._probing = True
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         patience = asyncio.timeout_at(deadline)
         try:
             async with patience:
@@ -194,6 +196,11 @@ class RedisStore:
             if probe:
                 self._probing = False
         self.healthy = True
+        if task is not None and task.cancelling() > cancels:
+            # redis-py writes under asyncio.wait_for, which on Python 3.11 drops a cancellation
+            # that lands as the write completes (CPython gh-86296): raise it, or a handler whose
+            # client left goes on (polls, waits, even calls the provider).
+            raise asyncio.CancelledError
         return result
 
     async def _drop_idle_connections(self) -> None:

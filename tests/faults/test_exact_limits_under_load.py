@@ -11,8 +11,7 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.test_limits_processes import (  # noqa: F401, F811  (processes, http: fixtures)
-    FROZEN_DAY, chat, config_for, http, ledger_day, processes)
+from tests.fixtures.processes import FROZEN_DAY, chat, config_for, ledger_day
 
 
 @pytest.mark.parametrize("backend", ["redis_server", "redis_cluster"])

@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 
 from tests.fixtures.gateway import wait_for
-from tests.integration.test_limits_processes import (  # noqa: F401, F811  (processes, http: fixtures)
-    FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, http, ledger_day, processes)
+from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, ledger_day
 
 
 async def _store_errors(http: aiohttp.ClientSession, gw) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import openai
+import pytest
 import yaml
 
 from tests.images import decode_data_url, open_image
@@ -107,3 +108,33 @@ def test_simulate_prints_where_it_listens():
         assert proc.wait(20) == 0
     bad = gateway("simulate", "--fault", "nonsense=1")
     assert bad.returncode != 0 and "unknown fault item" in bad.stderr
+
+
+def test_check_config_warns_of_a_key_written_in_the_file(tmp_path):
+    path = tmp_path / "literal.yaml"
+    path.write_text("upstream:\n  api_key: sk-live-123\n")
+    done = gateway("check-config", "--config", str(path))
+    assert done.returncode == 0 and done.stdout.strip().endswith(": ok"), done.stderr
+    assert "warning: upstream.api_key: a secret written in the file" in done.stderr
+    assert "sk-live-123" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_logs_the_literal_key_warning_once(tmp_path, workers, request):
+    """One line, from the supervisor when there are workers (they share its stderr)."""
+    store = request.getfixturevalue("redis_server").url if workers > 1 else "memory://"
+    path = tmp_path / "literal.yaml"
+    path.write_text(yaml.safe_dump({"upstream": {"api_key": "sk-live-123"}, "store": {"url": store}}))
+    from gateway.server import free_port
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--host", "127.0.0.1",
+         "--port", str(free_port("127.0.0.1")), "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert "listening on" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    assert stderr.count("upstream.api_key: a secret written in the file") == 1, stderr
+    assert "sk-live-123" not in stderr

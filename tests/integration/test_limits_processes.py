@@ -17,113 +17,12 @@ Redis ``TIME``; the bucket would otherwise refill a little during the burst).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
-import orjson
 import pytest
-import yaml
 
-from gateway.limits.ledger import read_usage
-from gateway.store import connect
-from tests.fixtures.gateway import RunningGateway, gateway_config, stop_gateway, team_key, wait_for
-from tests.fixtures.logscan import watch_file
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL = "google/gemini-3-pro-image-preview"
-FROZEN = 1767225600  # 2026-01-01T00:00:00Z: the instant every fixed-clock process shares
-FROZEN_DAY = "2026-01-01"
-HANG_GUARD_S = 10  # a request that has not answered by then is hung (the store timeout is 1 s)
-
-
-@pytest.fixture
-def processes(tmp_path):
-    """``await start(config, n, fixed_clock=False)`` -> n gateway processes on one config,
-    started in parallel; ``kill(gw)`` SIGKILLs one; all are stopped at teardown."""
-    started: list[RunningGateway] = []
-
-    async def start(config: dict, n: int = 1, *, fixed_clock: bool = False) -> list[RunningGateway]:
-        path = tmp_path / f"gateway-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        if fixed_clock:
-            cmd = [sys.executable, "-m", "tests.support.fixed_clock_gateway", "--config", str(path),
-                   "--port", "0", "--clock", str(FROZEN)]
-        else:
-            cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        batch = []
-        for i in range(n):
-            log_path = tmp_path / f"gateway-{len(started)}.log"
-            watch_file(log_path)  # the session fails if a line of it leaks a key or base64
-            log = open(log_path, "ab")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO_ROOT, env=env)
-            log.close()
-            gw = RunningGateway(url="", config=config, process=proc)
-            started.append(gw)
-            batch.append(gw)
-        for gw in batch:  # they start together; each prints its address once listening
-            line = await asyncio.wait_for(asyncio.to_thread(gw.process.stdout.readline), 60)
-            assert "listening on" in line, f"gateway did not start: {line!r}"
-            gw.url = line.split("listening on ", 1)[1].split()[0]
-        return batch
-
-    yield start
-    for gw in started:
-        stop_gateway(gw)
-
-
-@pytest.fixture
-def shared_redis(redis_server):
-    redis_server.start()  # another test may have stopped the session's server
-    redis_server.flush()
-    return redis_server
-
-
-@pytest.fixture
-async def http():
-    connector = aiohttp.TCPConnector(limit=0)  # as many connections as the test opens at once
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict
-    body: dict
-
-    @property
-    def code(self) -> str | None:
-        return (self.body.get("error") or {}).get("code")
-
-
-async def chat(http: aiohttp.ClientSession, gw: RunningGateway, team: str, prompt: str = "a tin robot",
-               **extra) -> Answer:
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **extra}
-    async with http.post(gw.url + "/v1/chat/completions", json=payload,
-                         headers={"Authorization": f"Bearer {team_key(team)}"}) as resp:
-        return Answer(resp.status, resp.headers.copy(), orjson.loads(await resp.read()))
-
-
-def config_for(sim, redis_url: str, teams: dict, **sections) -> dict:
-    return gateway_config(sim.url, sim.api_key, teams, store={"url": redis_url, **sections.pop("store", {})},
-                          logging={"level": "warning"}, **sections)
-
-
-async def ledger_day(redis_url: str, team: str, day: str) -> dict:
-    from datetime import date
-
-    store = await connect(redis_url)
-    try:
-        return (await read_usage(store, team, day=date.fromisoformat(day)))["day"]
-    finally:
-        await store.close()
-
+from tests.fixtures.gateway import stop_gateway, wait_for
+from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, ledger_day
 
 # -- exactness under contention --------------------------------------------------------------------
 
@@ -245,45 +144,6 @@ async def test_a_request_living_many_lease_ttls_keeps_its_slot(simulator_process
 
 
 # -- Redis going away under load -------------------------------------------------------------------
-
-
-class Load:
-    """Batches of concurrent requests until stopped; each answer is kept with the phase (set by the
-    test) it started and ended in. A request that does not answer within HANG_GUARD_S is a hang."""
-
-    def __init__(self, http, gw, team: str):
-        self.http, self.gw, self.team = http, gw, team
-        self.phase = "up"
-        self.results: list[tuple[str, str, Answer | BaseException]] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    async def _one(self, i: int) -> None:
-        started = self.phase
-        try:
-            answer = await asyncio.wait_for(chat(self.http, self.gw, self.team, f"load {i}"), HANG_GUARD_S)
-        except BaseException as e:  # recorded, asserted on by the test
-            answer = e
-        self.results.append((started, self.phase, answer))
-
-    async def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            await asyncio.gather(*(self._one(i + k) for k in range(8)))
-            i += 8
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await self._task
-
-    def count(self, phase: str) -> int:
-        return sum(1 for s, e, _ in self.results if s == e == phase)
-
-    async def until(self, phase: str, n: int) -> None:
-        await wait_for(lambda: self.count(phase) >= n, timeout_s=30)
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])

@@ -86,6 +86,22 @@ async def test_concurrent_scripts_each_get_their_own_answer(store):
 # -- latency is not an outage: a real Redis paused (SIGSTOP) or killed --------------------------
 
 
+async def test_a_cancelled_caller_never_goes_on(store):
+    """A client that leaves cancels its handler; a cancellation lost inside the store client would
+    let the handler go on (it once served a cache hit to nobody, and could call the provider)."""
+    async def caller():
+        while not asyncio.current_task().cancelling():  # a lost cancellation ends it quietly
+            await store.set("gw:test:lock", b"x", ttl_s=5, only_if_absent=True)
+
+    for ticks in range(200):
+        task = asyncio.create_task(caller())
+        for _ in range(ticks % 20):  # cancel at every point of the call, one loop turn at a time
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait([task])
+        assert task.cancelled(), f"cancellation lost after {ticks % 20} loop turns"
+
+
 async def test_a_paused_redis_is_waited_for_then_answers(fresh_redis_server):
     store = await connect(fresh_redis_server.url)
     await store.set("gw:w", b"v", ttl_s=60)

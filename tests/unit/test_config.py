@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import DEFAULT_MODEL_ID, Config, ConfigError, Limits, load
-from gateway.config.loader import check_config, load_text, parse
+from gateway.config.loader import check_config, literal_secrets, load_text, parse
 from gateway.keytool import hash_key, new_team_key
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.yaml"
@@ -387,3 +387,34 @@ def test_check_config_reports_problems_of_files(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("")
     assert check_config(good, {}) == []
+
+
+# ---- secrets written in the file -----------------------------------------------------------
+
+@pytest.mark.parametrize("value, warned", [
+    ("sk-live-123", True),
+    ("'${UPSTREAM_API_KEY:-sk-live-123}'", True),  # the default is written in the file
+    ("'$${UPSTREAM_API_KEY}'", True),  # an escaped reference is literal text
+    ("'${UPSTREAM_API_KEY}'", False),
+    ("'${UPSTREAM_API_KEY:-}'", False),
+    ("''", False),
+])
+def test_a_secret_written_in_the_file_is_warned_by_key_path(tmp_path, value, warned):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"upstream:\n  api_key: {value}\n")
+    warnings = literal_secrets(path)
+    assert check_config(path, {"UPSTREAM_API_KEY": "sk-from-env"}) == []  # a warning, not a problem
+    if warned:
+        (warning,) = warnings
+        assert warning.startswith("upstream.api_key: ") and "${UPSTREAM_API_KEY}" in warning
+        assert "sk-live-123" not in warning
+    else:
+        assert warnings == []
+
+
+def test_literal_secrets_of_files_without_a_key_or_unreadable(tmp_path):
+    assert literal_secrets(EXAMPLE) == []
+    assert literal_secrets(tmp_path / "nope.yaml") == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: [\n")
+    assert literal_secrets(bad) == []
