@@ -21,12 +21,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Config
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout, error_response
+from gateway.http.record import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,8 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
         # environment would carry another run's totals into this one. (Before prometheus_client
         # is imported: it reads the variable then.)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    from gateway.observability.accesslog import configure_logging
     from gateway.http.app import create_app
+    from gateway.observability.accesslog import configure_logging
 
     configure_logging(config.logging)
     use_uvloop()
@@ -73,13 +76,16 @@ async def _serve_forever(app: web.Application, host: str, port: int, reuse_port:
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` serving each connection with ``GatewayProtocol``; a client that goes away
     cancels its handler (and so its upstream call); aiohttp's access log is off (the gateway
-    writes its own)."""
+    writes its own, for the requests the protocol refuses too)."""
 
     def __init__(self, app: web.Application, **kwargs) -> None:
-        from gateway.http.state import CONFIG  # not at import: run_worker sets up metrics first
+        # not at import: run_worker sets up metrics first
+        from gateway.http.middleware import observe
+        from gateway.http.state import CONFIG
 
         kwargs = {"handler_cancellation": True, "access_log": None, **kwargs}
-        super().__init__(app, read_timeout_s=app[CONFIG].server.read_timeout_s, **kwargs)
+        super().__init__(app, read_timeout_s=app[CONFIG].server.read_timeout_s, observe=partial(observe, app),
+                         **kwargs)
 
     async def _make_server(self) -> web.Server:
         # aiohttp has no public way to choose the protocol class: the runner's server factory
@@ -111,7 +117,8 @@ class GatewayProtocol(RequestHandler):
     - Malformed HTTP (aiohttp's parser refused it before any handler ran) is answered in the
       provider's JSON error shape. aiohttp would answer text/plain quoting the bytes and log a
       traceback quoting them too (an ``Authorization`` header included): here the log gets one
-      line naming the kind of error, never a byte of the request.
+      line naming the kind of error, never a byte of the request; and the access log and the
+      metrics get the refusal as they get the app's requests (no team, model "other").
     - Reads time out: a client that sends part of its headers, or part of a body the handler is
       reading, and then nothing for ``read_timeout_s`` is cut off; the handler gets a 408 to
       answer (``Connection: close``). The idle time between requests stays aiohttp's keep-alive.
@@ -120,11 +127,13 @@ class GatewayProtocol(RequestHandler):
     tests/faults/test_malformed_http.py and tests/e2e/test_http.py hold the behaviour.
     """
 
-    __slots__ = ("_read_timeout_s", "_read_by", "_read_timer", "_partial_head")
+    __slots__ = ("_read_timeout_s", "_read_by", "_read_timer", "_partial_head", "_observe")
 
-    def __init__(self, manager: web.Server, *, read_timeout_s: float, **kwargs) -> None:
+    def __init__(self, manager: web.Server, *, read_timeout_s: float,
+                 observe: Callable[[RequestRecord], None], **kwargs) -> None:
         super().__init__(manager, **kwargs)
         self._read_timeout_s = read_timeout_s
+        self._observe = observe  # the app's metrics and access log, for what no handler saw
         self._read_by = 0.0  # loop time the next byte is due by, when one is awaited
         self._read_timer: asyncio.TimerHandle | None = None
         self._partial_head = False  # bytes of a request's head came, the head is not complete
@@ -183,6 +192,9 @@ class GatewayProtocol(RequestHandler):
             err = GatewayError("The gateway failed to handle this request.")
         response = error_response(err, {"x-request-id": request_id})
         response.force_close()
+        if status < 500:  # a 5xx here escaped a handler, whose middleware has observed it
+            self._observe(RequestRecord(request_id=request_id, method="-", path="-", status=status,
+                                        error_code=err.code, bytes_out=response.content_length or 0))
         return response
 
     def log_exception(self, message: str, *args, exc_info: BaseException | None = None, **kwargs) -> None:

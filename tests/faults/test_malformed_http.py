@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from dataclasses import dataclass
 
+import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.observability.accesslog import ACCESS_LOGGER
 from tests.fixtures.gateway import gateway_config, stop_gateway, team_key
 
 MODEL = "google/gemini-3-pro-image-preview"
@@ -246,3 +250,22 @@ async def test_the_malformed_corpus_gets_json_errors_no_5xx_and_no_traceback(gat
     assert "Traceback" not in log
     assert "key-" not in log  # no key, not even the start of one
     assert all(json.loads(line)["level"] != "error" for line in log.splitlines() if '"level"' in line)
+
+
+async def test_a_malformed_request_gets_one_access_line_and_is_counted(start_gateway, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger(ACCESS_LOGGER), "propagate", True)  # to caplog
+    caplog.set_level(logging.INFO)
+    gw = await start_gateway()
+    port = int(gw.url.rsplit(":", 1)[1])
+    answer = await send(port, case("key with DEL", request(b"GET", b"/v1/models", auth=b"Bearer " + KEY.encode() + b"\x7f")))
+    assert answer is not None and answer.status == 400
+    lines = [r.access for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert [(line["request_id"], line["status"], line["team"], line["bytes_out"]) for line in lines] == [
+        (answer.headers()["x-request-id"], 400, None, len(answer.body()))]
+    assert "key-" not in caplog.text
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/metrics") as resp:
+        scrape = await resp.text()
+    counted = {(s.labels["team"], s.labels["model"], s.labels["status"]): s.value
+               for family in text_string_to_metric_families(scrape) for s in family.samples
+               if s.name == "gateway_requests_total" and s.value}
+    assert counted == {("none", "other", "400"): 1}

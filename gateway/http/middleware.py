@@ -1,0 +1,130 @@
+"""The app's middleware, one job each, outermost first: ``request_id_middleware`` (the record every
+later step writes into), ``observe_middleware`` (the status a request ends with, its metrics and
+access line), ``error_middleware`` (every failure answered in the provider's shape). ``observe``
+is also called by the server for the requests no handler saw (malformed HTTP)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+
+from aiohttp import web
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    error_response,
+)
+from gateway.http.record import Phase, RequestRecord
+from gateway.http.state import CONFIG, METRICS, RECORD
+from gateway.observability.accesslog import write_access_log
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+UNMETERED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: neither metrics nor access log
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The client's request id when it is a sane one, else a new one; and the request's record."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request[RECORD] = RequestRecord(
+        request_id=incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex,
+        method=request.method,
+        path=request.path,
+    )
+    return await handler(request)
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: streamed answers are prepared inside the handler, so the header
+    is set here rather than on the middleware's way out."""
+    rec = request.get(RECORD)
+    if rec is not None:
+        response.headers["x-request-id"] = rec.request_id
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The status a request ends with (499 for a client gone before the last byte), then its
+    metrics and access line: once, on every way out."""
+    rec = request[RECORD]
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        _client_gone(rec)
+        observe(request.app, rec)
+        raise
+    except ConnectionResetError:  # the client went away and a write found out
+        _client_gone(rec)
+        observe(request.app, rec)
+        return web.Response(status=499)  # aiohttp drops it quietly on the closed transport
+    rec.status = response.status
+    if type(response) is web.Response:  # a whole body, written by aiohttp after this returns
+        rec.bytes_out += response.content_length or 0
+    observe(request.app, rec)
+    return response
+
+
+def _client_gone(rec: RequestRecord) -> None:
+    """A client that leaves before the last byte is a 499; one that leaves after it (curl closes
+    at once) got its answer, and the status it was sent stays (noted when the answer started)."""
+    if rec.phase < Phase.ANSWER_FINISHED:
+        rec.status = 499
+
+
+def observe(app: web.Application, rec: RequestRecord) -> None:
+    """A finished request into the metrics and the access log (probes and scrapes excepted)."""
+    config = app[CONFIG]
+    if rec.path in UNMETERED_PATHS or rec.path == config.server.metrics_path:
+        return
+    rec.finish()
+    app[METRICS].observe_request(rec)
+    if config.logging.access_log:
+        write_access_log(rec)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure as the provider's JSON error; a departed client's (cancelled, reset) is left
+    to ``observe_middleware``."""
+    rec = request[RECORD]
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return _error(rec, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(rec, _http_error(exc))
+    except web.RequestPayloadError:  # aiohttp could not decode the body (chunks, gzip) as it was read
+        return _error(rec, InvalidRequest("The request body could not be read: its chunked or content "
+                                          "encoding is not valid."))
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unhandled error (request %s)", rec.request_id)
+        return _error(rec, GatewayError("The gateway failed to handle this request."))
+
+
+def _error(rec: RequestRecord, err: GatewayError) -> web.Response:
+    rec.error_code = err.code
+    return error_response(err)
+
+
+def _http_error(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (no such route, wrong method, body too large) in our shape."""
+    if exc.status == 404:
+        return NotFound("No route for this path. The gateway serves /v1/chat/completions, /v1/models and /v1/usage.")
+    if exc.status == 405:
+        return MethodNotAllowed("This route does not take that method.")
+    if exc.status == 413:
+        return RequestTooLarge("The request body is over the gateway's limit.")
+    err = InvalidRequest(exc.reason or "The request was refused.")
+    err.status = exc.status
+    return err
