@@ -327,8 +327,8 @@ def sse_plan(entry: CacheEntry, include_usage: bool, request_id: str) -> Plan:
     return plan
 
 
-def fill(plan: Plan, images: Sequence[CachedImage | StoredImage], slice_bytes: int = SLICE_BYTES) -> Iterator[bytes]:
-    """A plan's pieces with images in memory: each image's base64 in slices of ``slice_bytes`` raw bytes."""
+def fill(plan: Plan, images: Sequence[CachedImage | StoredImage]) -> Iterator[bytes]:
+    """A plan's pieces with images in memory: each image's base64 in slices of ``SLICE_BYTES`` raw bytes."""
     for item in plan:
         if type(item) is not int:
             yield item
@@ -337,29 +337,6 @@ def fill(plan: Plan, images: Sequence[CachedImage | StoredImage], slice_bytes: i
         if not isinstance(image, CachedImage):
             raise TypeError("the image is still in the store; read the entry whole first")
         view = memoryview(image.data)
-        for start in range(0, len(view), slice_bytes):
-            yield pybase64.b64encode(view[start:start + slice_bytes])
+        for start in range(0, len(view), SLICE_BYTES):
+            yield pybase64.b64encode(view[start:start + SLICE_BYTES])
 
-
-def render_json_chunks(entry: CacheEntry, request_id: str,
-                       slice_bytes: int = SLICE_BYTES) -> tuple[int, Iterator[bytes]]:
-    """The provider's ``chat.completion`` body as (Content-Length, pieces), to stream a hit."""
-    size, plan = json_plan(entry, request_id)
-    return size, fill(plan, entry.images, slice_bytes)
-
-
-def render_json(entry: CacheEntry, request_id: str) -> bytearray:
-    """The same body in one buffer of exactly its size (small slices: few temporaries)."""
-    size, pieces = render_json_chunks(entry, request_id, slice_bytes=3 * 16 * 1024)
-    buf, pos = bytearray(size), 0
-    for piece in pieces:
-        buf[pos:pos + len(piece)] = piece
-        pos += len(piece)
-    if pos != size:
-        raise AssertionError("render_json size mismatch")
-    return buf
-
-
-def render_sse(entry: CacheEntry, include_usage: bool, *, request_id: str = "") -> Iterator[bytes]:
-    """The provider's stream for a hit; the images event comes in slices: write each as it comes."""
-    return fill(sse_plan(entry, include_usage, request_id or secrets.token_hex(16)), entry.images)

@@ -108,7 +108,8 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     try:
         return await _relay(request, chat, decision, headers, served, resp)
     except UPSTREAM_FAILURES as err:  # the seam counted the attempts; what failed after, here
-        app[METRICS].upstream_error(err.kind)
+        if not resp.counted:  # a 5xx with a body that is no JSON error is one failure, not two
+            app[METRICS].upstream_error(err.kind)
         raise
     finally:
         resp.release()
@@ -134,6 +135,10 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         await _finish(response, rec)
         served.usage = _usage(chat, scanner.usage, scanner.images_out)
         _note_finish(rec, scanner.native_finish_reason, scanner.finish_reason)
+        if scanner.error is not None:  # the provider's final error event: a failed answer, never cached
+            code = scanner.error.get("code")
+            rec.error_code = code if isinstance(code, str) else "upstream_error"
+            return response, None
         if collector is None:
             return response, None
         collector.done()

@@ -13,8 +13,9 @@ A request the provider may have received is never sent again (it may bill each c
 what cannot have started is retried: a connection never made, a 429, and a 503 that carries
 ``Retry-After`` (the provider asking us to come back). Every attempt, and every wait between
 them, fits in the request's one deadline; a wait that would pass it is not taken, and the last
-answer is final. Every failed attempt is counted in ``gateway_upstream_errors_total`` here;
-failures after the answer started are counted by the handler, by the error's ``kind``.
+answer is final. Every failed attempt is counted in ``gateway_upstream_errors_total`` here (a
+returned 429 or 5xx too: its ``counted`` is set); a failure found later in an answer not yet
+counted is counted by the handler, by the error's ``kind``: each failure once.
 """
 from __future__ import annotations
 
@@ -56,14 +57,17 @@ def _never_sent(exc: BaseException) -> bool:
 
 class UpstreamResponse:
     """An open provider answer. Reads raise only ``GatewayError``s; ``waited_s`` adds up the
-    time spent waiting on the provider (opening included), to keep it out of the overhead."""
+    time spent waiting on the provider (opening included), to keep it out of the overhead;
+    ``counted`` is True when the seam already counted this answer as an upstream error (a 429
+    or 5xx), so that a failure found in its body is not counted a second time."""
 
-    __slots__ = ("_resp", "status", "headers", "content_type", "waited_s")
+    __slots__ = ("_resp", "status", "headers", "content_type", "waited_s", "counted")
 
-    def __init__(self, resp: aiohttp.ClientResponse, waited_s: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, waited_s: float, counted: bool) -> None:
         self._resp = resp
         self.status, self.headers, self.content_type = resp.status, resp.headers, resp.content_type
         self.waited_s = waited_s
+        self.counted = counted
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -179,13 +183,14 @@ class Upstream:
                 continue
             waited += time.perf_counter() - started
             self._done(model, resp.status, started)
-            if resp.status == 429 or resp.status >= 500:
+            counted = resp.status == 429 or resp.status >= 500
+            if counted:
                 self._error("status_429" if resp.status == 429 else "status_5xx", model, None)
             delay = _retry_after(resp.headers)
             retryable = resp.status == 429 or (resp.status == 503 and delay is not None)
             delay = self._backoff(attempt) if delay is None else delay
             if last or not retryable or loop.time() + delay >= deadline:
-                return UpstreamResponse(resp, waited)
+                return UpstreamResponse(resp, waited, counted)
             resp.release()
             log.info("upstream answered %s; retrying (attempt %d of %d)", resp.status, attempt + 2, attempts)
             await self._sleep(delay)

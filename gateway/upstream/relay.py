@@ -79,7 +79,9 @@ async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk:
                     scanner: EventScanner, checker: StreamGuard) -> None:
     """Write the stream to the client as it comes, the scanner reading every event on the way.
 
-    Returns when the upstream ended the stream after ``[DONE]``; raises a ``GatewayError`` for
+    Returns when the upstream ended the stream after ``[DONE]``, or right after the chunk that
+    carried the provider's own error event (``scanner.error``): that event, relayed key-free,
+    is the stream's final one, so nothing of ours follows it. Raises a ``GatewayError`` for
     anything else (a malformed event, a stall, a broken connection, an end before [DONE])."""
     while chunk:
         await write_counted(response, checker.clean(chunk), rec)
@@ -91,9 +93,11 @@ async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk:
                 await asyncio.to_thread(scanner.handle, payload)
             else:
                 scanner.handle(payload)
+        if scanner.error is not None:
+            break
         chunk = await resp.readany()
     await write_counted(response, checker.flush(), rec)
-    if not scanner.done:
+    if not scanner.done and scanner.error is None:
         raise UpstreamBadResponse("The upstream stream ended before [DONE].")
 
 

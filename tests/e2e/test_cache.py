@@ -24,6 +24,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.http.state import STORE
 from gateway.store import StoreError
 from tests.fixtures.gateway import RunningGateway, wait_for
 from tests.images import open_image
@@ -596,6 +597,41 @@ async def _inflight(http, gw: RunningGateway) -> float:
     return metric(await scrape(http, gw), "gateway_inflight_requests", team="alpha")
 
 
+class FlightWatch:
+    """Counts a gateway's cache lookups (the ``cache_read`` script) and single-flight lock
+    attempts (a SET on ``...:lock``) seen since the watch began.
+
+    A request whose lookup missed joins the flight in the same step as the lookup returns (no
+    await in between), so a count of lookups is a count of requests in the flight; a replica's
+    poller adds one lock attempt, then one lookup, per round, which ``joined`` leaves out."""
+
+    def __init__(self) -> None:
+        self.lookups = self.locks = 0
+
+    @classmethod
+    def on(cls, gw: RunningGateway) -> FlightWatch:
+        """Watch an in-process gateway's store: a call is counted once it has returned."""
+        watch, store = cls(), gw.app[STORE]
+        run_script, set_ = store.run_script, store.set
+
+        async def counted_run_script(name, keys, args, **kw):
+            result = await run_script(name, keys, args, **kw)
+            watch.lookups += name == "cache_read"
+            return result
+
+        async def counted_set(key, value, **kw):
+            result = await set_(key, value, **kw)
+            watch.locks += key.endswith(":lock")
+            return result
+
+        store.run_script, store.set = counted_run_script, counted_set
+        return watch
+
+    def joined(self, n: int) -> bool:
+        """True once ``n`` requests that started after the watch are in the flight."""
+        return self.lookups - self.locks >= n
+
+
 async def test_a_waiters_disconnect_does_not_cancel_the_leader(gateways, http, simulator):
     """Leader on one replica; three waiters on the other (on Redis: the first polls the store
     for its replica, the others wait on it). The first two leave: nothing shared is cancelled."""
@@ -605,11 +641,11 @@ async def test_a_waiters_disconnect_does_not_cancel_the_leader(gateways, http, s
     await simulator.wait_for_stats(lambda s: s["calls"] == 1)
     base = 1 if waiter_gw is leader_gw else 0  # the leader's own request, on memory://
     async with aiohttp.ClientSession() as s1, aiohttp.ClientSession() as s2:
-        waiters = []
-        for session in (s1, s2, http):
+        waiters, watch = [], FlightWatch.on(waiter_gw)
+        for session in (s1, s2, http):  # one at a time: the first to join polls for its replica
             waiters.append(asyncio.create_task(post(session, waiter_gw, payload)))
-            await wait_for(lambda: _is(_inflight(http, waiter_gw), base + len(waiters)))
-            await asyncio.sleep(0.1)  # past admission and into the flight (not an assertion)
+            await wait_for(lambda: watch.joined(len(waiters)))
+        assert await _inflight(http, waiter_gw) == base + 3
         for leaving in waiters[:2]:
             leaving.cancel()
             with pytest.raises(asyncio.CancelledError):

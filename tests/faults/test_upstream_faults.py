@@ -134,6 +134,20 @@ async def test_a_malformed_stream_event_ends_the_stream_with_an_error_event(star
     assert orjson.loads(events[-1][len(b"data: "):])["error"]["code"] == "upstream_bad_response"  # last; the body ended
 
 
+async def test_a_provider_error_event_is_the_final_event_and_nothing_follows_it(start_gateway, http, simulator):
+    gw = await start_gateway()
+    status, raw, headers = await post(http, gw, body(stream=True, seed=2, sim_fault="echo_key_stream_error"))
+    assert status == 200 and headers["x-cache"] == "MISS"
+    last = sse_events(raw)[-1]
+    assert raw.endswith(last + b"\n\n")  # the body ends with the provider's event: no blank lines after it
+    errors = [e for e in sse_events(raw) if b'"error"' in e]
+    assert errors == [last]  # exactly one error event: the provider's, key redacted, not one of ours
+    assert orjson.loads(last[len(b"data: "):])["error"] == {
+        "message": "Upstream model error (key [redacted]).", "type": "api_error", "code": "server_error"}
+    _, _, again = await post(http, gw, body(stream=True, seed=2))
+    assert again["x-cache"] == "MISS"  # a failed answer is never cached
+
+
 @pytest.mark.parametrize("message, cached", [("not an object", False), ({"content": "", "images": 5}, False),
                                              ({"content": "", "images": 5}, True)])
 async def test_a_malformed_json_answer_is_a_502_bad_response(start_gateway, http, message, cached):
@@ -184,6 +198,15 @@ async def test_an_upstream_500_passes_through_and_is_counted(start_gateway, http
     assert (await simulator.stats())["calls"] == 1
     assert (await upstream_errors(http, gw)) == {"status_5xx": 1}
     assert (await usage_today(http, gw))["tokens"]["completion"] == 0  # the provider refused it
+
+
+async def test_a_5xx_without_a_json_error_is_a_bad_response_counted_once_as_status_5xx(start_gateway, http):
+    async with raw_upstream(sends(http_reply(500, b"<html>Internal Server Error</html>", "text/html"))) as up:
+        gw = await start_gateway(upstream_url=up.url)
+        status, raw, _ = await post(http, gw, body())
+        assert len(up.received) == 1
+    assert (status, error_code(raw)) == (502, "upstream_bad_response")
+    assert (await upstream_errors(http, gw)) == {"status_5xx": 1}  # one failure, one count: what the provider said
 
 
 async def test_a_timeout_after_the_request_reached_the_provider_is_charged_the_estimate(start_gateway, http, simulator):

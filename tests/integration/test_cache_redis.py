@@ -9,12 +9,15 @@ the store. Clients are raw aiohttp (the SDK path is covered in tests/e2e/test_ca
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
+import redis.asyncio
 
-from tests.e2e.test_cache import WAIT_S, assert_clean_error, assert_the_leader_served_the_waiter_who_stayed, body, calls, metric, post, scrape
+from gateway.store import script
+from tests.e2e.test_cache import WAIT_S, FlightWatch, assert_clean_error, assert_the_leader_served_the_waiter_who_stayed, body, calls, metric, post, scrape
 from tests.fixtures.gateway import RunningGateway, gateway_config, stop_gateway, wait_for
 
 # Cluster where the slot layout matters (an entry and its lock share a hash tag); the rest of
@@ -128,20 +131,49 @@ async def test_when_the_leader_fails_no_waiter_hangs(spawn, http, simulator):
     assert after.status == 200 and after.cache == "HIT"
 
 
+@asynccontextmanager
+async def flight_watch(store_url: str) -> AsyncIterator[FlightWatch]:
+    """A ``FlightWatch`` fed by Redis ``MONITOR``: every gateway's lookups and lock attempts,
+    counted as Redis runs them (the gateway gets each reply right after)."""
+    watch, lookup_sha = FlightWatch(), script("cache_read")[1]
+    client = redis.asyncio.Redis.from_url(store_url)
+
+    async def count(monitor) -> None:
+        async for seen in monitor.listen():
+            name, _, rest = seen["command"].partition(" ")
+            if seen["client_type"] == "lua":
+                continue  # the commands inside a script
+            if name.upper() == "EVALSHA" and rest.startswith(lookup_sha):
+                watch.lookups += 1
+            elif name.upper() == "SET" and rest.split(" ", 1)[0].endswith(":lock"):
+                watch.locks += 1
+
+    try:
+        async with client.monitor() as monitor:
+            counting = asyncio.create_task(count(monitor))
+            try:
+                yield watch
+            finally:
+                counting.cancel()
+                await asyncio.gather(counting, return_exceptions=True)
+    finally:
+        await client.aclose()
+
+
 @REDIS
-async def test_a_waiters_disconnect_does_not_cancel_the_leader_on_another_process(spawn, http, simulator):
+async def test_a_waiters_disconnect_does_not_cancel_the_leader_on_another_process(spawn, http, simulator, store_url):
     """Leader on one process; on the other, a waiter that polls Redis for its process and two
     that wait on it. The first two leave; the leader and the last waiter are not disturbed."""
     leader_gw, waiter_gw = spawn(), spawn()
     payload = body(seed=105, sim_fault="latency_ms=2000")
     leader = asyncio.create_task(post(http, leader_gw, payload))
     await simulator.wait_for_stats(lambda s: s["calls"] == 1)
-    async with aiohttp.ClientSession() as s1, aiohttp.ClientSession() as s2:
+    async with aiohttp.ClientSession() as s1, aiohttp.ClientSession() as s2, flight_watch(store_url) as watch:
         waiters = []
-        for session in (s1, s2, http):
+        for session in (s1, s2, http):  # one at a time: the first to join polls for its process
             waiters.append(asyncio.create_task(post(session, waiter_gw, payload)))
-            await wait_for(lambda: _inflight_is(http, waiter_gw, len(waiters)))
-            await asyncio.sleep(0.1)  # into the flight (ordering only, not an assertion)
+            await wait_for(lambda: watch.joined(len(waiters)))
+        assert await _inflight_is(http, waiter_gw, 3)
         for leaving in waiters[:2]:
             leaving.cancel()
             with pytest.raises(asyncio.CancelledError):

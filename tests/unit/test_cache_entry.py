@@ -11,6 +11,7 @@ import pytest
 
 from gateway.answer import parse
 from gateway.cache import entry as cache_entry_module
+from gateway.cache import hit_body
 from gateway.cache.entry import (
     SLICE_BYTES,
     CacheEntry,
@@ -19,9 +20,6 @@ from gateway.cache.entry import (
     SSECollector,
     StoredImage,
     entry_from_answer,
-    render_json,
-    render_json_chunks,
-    render_sse,
 )
 
 MODEL = "gemini-3-pro-image-preview"
@@ -231,10 +229,17 @@ def test_collector_uses_the_model_hint_when_no_chunk_names_one():
 # ---- replaying a hit ------------------------------------------------------------------------
 
 
-def test_render_json_is_the_provider_shape_with_the_original_images():
+async def hit(entry: CacheEntry, *, stream: bool = False, include_usage: bool = False,
+              request_id: str = "req-1") -> tuple[int | None, list[bytes]]:
+    """What the handler writes for a hit on ``entry``: (its Content-Length, its pieces in order)."""
+    size, pieces = hit_body(entry, stream=stream, include_usage=include_usage, request_id=request_id)
+    return size, [piece async for piece in pieces]
+
+
+async def test_a_json_hit_is_the_provider_shape_with_the_original_images():
     stored = CacheEntry.decode(entry(BIG, SMALL, content="done").encode())
-    body = render_json(stored, "req-1")
-    doc = orjson.loads(body)
+    _, pieces = await hit(stored)
+    doc = orjson.loads(b"".join(pieces))
     assert doc["id"] == "chatcmpl_req-1" and doc["object"] == "chat.completion"
     assert (doc["model"], doc["created"], doc["usage"]) == (MODEL, 1779778659, USAGE)
     assert set(doc) >= {"system_fingerprint", "service_tier", "logprobs"}
@@ -250,18 +255,17 @@ def test_render_json_is_the_provider_shape_with_the_original_images():
     assert from_json(doc).content == "done"  # a rendered hit is itself a complete success
 
 
-def test_render_json_chunks_stream_the_same_body_with_its_exact_length():
-    stored = CacheEntry.decode(entry(BIG, SMALL).encode())
-    size, chunks = render_json_chunks(stored, "req-1")
-    chunks = list(chunks)
-    assert b"".join(chunks) == render_json(stored, "req-1") and size == sum(map(len, chunks))
+async def test_a_json_hit_goes_out_in_slices_under_its_exact_length():
+    size, chunks = await hit(CacheEntry.decode(entry(BIG, SMALL).encode()))
+    assert size == sum(map(len, chunks))
     assert max(map(len, chunks)) < len(base64.b64encode(BIG))  # the big image goes out in slices
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
-def test_render_sse_is_the_provider_stream(include_usage):
+async def test_a_stream_hit_is_the_provider_stream(include_usage):
     stored = CacheEntry.decode(entry(BIG, content="Here it is").encode())
-    chunks = list(render_sse(stored, include_usage, request_id="req-2"))
+    size, chunks = await hit(stored, stream=True, include_usage=include_usage, request_id="req-2")
+    assert size is None  # a stream has no Content-Length
     events = parse_sse(chunks)
     assert events[-1] == "[DONE]"
     first, images, final = events[0], events[1], events[2]
@@ -281,8 +285,8 @@ def test_render_sse_is_the_provider_stream(include_usage):
         assert final["usage"] == USAGE and len(events) == 4
 
 
-def test_render_sse_writes_the_big_image_event_in_slices():
-    chunks = list(render_sse(entry(BIG), False))
+async def test_a_stream_hit_writes_the_big_image_event_in_slices():
+    _, chunks = await hit(entry(BIG), stream=True)
     b64_len = len(base64.b64encode(BIG))
     assert max(map(len, chunks)) < b64_len  # never the whole event as one bytes object
     slices = [c for c in chunks if len(c) == SLICE_BYTES // 3 * 4]
@@ -290,13 +294,13 @@ def test_render_sse_writes_the_big_image_event_in_slices():
     assert base64.b64decode(b"".join(slices)) == BIG[:2 * SLICE_BYTES]
 
 
-def test_render_sse_without_images_or_usage():
-    events = parse_sse(list(render_sse(entry(content="just text", usage=None), True)))
+async def test_a_stream_hit_without_images_or_usage():
+    events = parse_sse((await hit(entry(content="just text", usage=None), stream=True, include_usage=True))[1])
     assert [e if isinstance(e, str) else list(e["choices"][0]["delta"]) for e in events] == [
         ["role", "content", "reasoning_content"], [], "[DONE]"]
 
 
-def test_both_renderings_rebuild_the_same_entry_whichever_way_it_was_fetched():
+async def test_both_hit_answers_rebuild_the_same_entry_whichever_way_it_was_fetched():
     from_stream = SSECollector()
     for event in provider_stream(SMALL, BIG, content="Generating..."):
         from_stream.feed(parse(event, chunk=True))
@@ -305,10 +309,10 @@ def test_both_renderings_rebuild_the_same_entry_whichever_way_it_was_fetched():
     for original in (from_stream.finish(), from_body):
         stored = CacheEntry.decode(original.encode())
         again = SSECollector()
-        for event in parse_sse(list(render_sse(stored, True))):
+        for event in parse_sse((await hit(stored, stream=True, include_usage=True))[1]):
             if event != "[DONE]":
                 again.feed(parse(event, chunk=True))
         again.done()
-        for rebuilt in (again.finish(), from_json(orjson.loads(render_json(stored, "r")))):
+        for rebuilt in (again.finish(), from_json(orjson.loads(b"".join((await hit(stored))[1])))):
             assert [bytes(i.data) for i in rebuilt.images] == [SMALL, BIG]
             assert (rebuilt.content, rebuilt.usage, rebuilt.model) == ("Generating...", USAGE, MODEL)
