@@ -16,11 +16,16 @@ from gateway.limits.limiter import Limiter, limit_keys
 from gateway.store import connect
 from gateway.usage import Usage
 from tests.fixtures.redis import RedisClusterProcs
+from tests.unit.test_account_limits import TestAccountBehaviour as _AccountBehaviour
 from tests.unit.test_limits import CONFIG, Clock, TestBehaviour as _Behaviour, request, team
 
 
 class TestBehaviourOnEveryStore(_Behaviour):
     """The same suite as tests/unit, once per backend (the ``store`` fixture is parametrized)."""
+
+
+class TestAccountOnEveryStore(_AccountBehaviour):
+    """Team and account in one script: on a Cluster, only if their keys share a hash slot."""
 
 
 async def _replicas(url: str, n: int = 3, **kw) -> tuple[list, list[Limiter]]:
@@ -143,7 +148,8 @@ async def test_redis_failing_mid_load_answers_promptly_then_recovers(fresh_redis
     else:
         fresh_redis_server.pause()
         await _until(lambda: "unavailable" in outcomes[before:] or not store.healthy, 10, "the stall went unnoticed")
-    await asyncio.sleep(1.5)  # more load against the dead/hung Redis
+    mark = len(outcomes)
+    await _until(lambda: len(outcomes) > mark, 15, "no load against the dead/hung Redis")  # a whole batch more
     during = len(outcomes)
     fresh_redis_server.start() if failure == "kill" else fresh_redis_server.resume()
     # the same store object recovers: its pool reconnects
@@ -173,7 +179,8 @@ async def test_cluster_losing_a_master_answers_promptly_then_recovers(tmp_path):
         victim = cluster.node_for(limit_keys(t.name)[0])
         victim.kill()
         await _until(lambda: "unavailable" in outcomes, 10, "the failure went unnoticed")
-        await asyncio.sleep(1)
+        mark = len(outcomes)
+        await _until(lambda: len(outcomes) > mark, 15, "no load against the lost master")  # a whole batch more
         during = len(outcomes)
         victim.start()
         cluster.wait_ok()

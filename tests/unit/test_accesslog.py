@@ -17,8 +17,9 @@ from gateway.observability.accesslog import ACCESS_LOGGER, FLUSH_INTERVAL_S, FLU
 from gateway.config import LoggingConfig
 from gateway.http.record import RequestRecord
 from gateway.usage import Usage
+from tests.fixtures.gateway import wait_for
 
-FIELDS = ["time", "request_id", "method", "path", "team", "model", "status", "error_code", "finish_reason", "stream",
+FIELDS = ["time", "request_id", "trace_id", "method", "path", "team", "key_fingerprint", "model", "status", "error_code", "finish_reason", "stream",
           "cache",
           "duration_ms", "upstream_ms", "ttfb_ms", "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens",
           "image_tokens", "reasoning_tokens", "audio_tokens", "usage_estimated", "images_in", "images_out", "cost_usd"]
@@ -62,8 +63,8 @@ def test_json_line_holds_every_field():
     assert list(line) == FIELDS
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
     assert line | {"time": None} == {
-        "time": None, "request_id": "3f1c9a", "method": "POST", "path": "/v1/chat/completions", "team": "design",
-        "model": "google/gemini-3-pro-image-preview", "status": 200, "error_code": None, "finish_reason": "STOP",
+        "time": None, "request_id": "3f1c9a", "trace_id": None, "method": "POST", "path": "/v1/chat/completions",
+        "team": "design", "key_fingerprint": None, "model": "google/gemini-3-pro-image-preview", "status": 200, "error_code": None, "finish_reason": "STOP",
         "stream": True, "cache": "miss", "duration_ms": 21500.0, "upstream_ms": 21490.0, "ttfb_ms": 14250.0,
         "bytes_in": 1_048_576, "bytes_out": 2_500_000, "prompt_tokens": 120, "completion_tokens": 1400,
         "image_tokens": 1120, "reasoning_tokens": 250, "audio_tokens": 0, "usage_estimated": False,
@@ -211,11 +212,11 @@ async def test_on_an_event_loop_lines_are_written_together_within_the_interval()
         write_access_log(a_request(request_id=f"r{i}"))
         await asyncio.sleep(0)  # other ticks pass: the lines wait
     assert out.getvalue() == "" and out.writes == 0
-    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+    await wait_for(lambda: out.writes, timeout_s=5, interval_s=FLUSH_INTERVAL_S / 2)
     ids = [orjson.loads(line)["request_id"] for line in out.getvalue().splitlines()]
     assert ids == [f"r{i}" for i in range(50)] and out.writes == 1
     write_access_log(a_request(request_id="later"))  # a new timer after the last one fired
-    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+    await wait_for(lambda: out.writes == 2, timeout_s=5, interval_s=FLUSH_INTERVAL_S / 2)
     assert out.getvalue().splitlines()[-1].startswith('{"time"') and out.writes == 2
 
 

@@ -18,6 +18,7 @@ from gateway.cache.entry import CachedImage, CacheEntry
 from gateway.config import CacheConfig, ModelConfig, Team
 from gateway.store import StoreError
 from gateway.validate import ChatRequest, ImageFact
+from tests.fixtures.gateway import wait_for
 
 MODEL_ID = "google/gemini-3-pro-image-preview"
 MODEL = ModelConfig(id=MODEL_ID, upstream_id=MODEL_ID)
@@ -287,16 +288,16 @@ async def test_store_errors_never_fail_the_request():
 
 
 class Upstream:
-    """Counts calls; fails the first ``failures`` of them; ``gate`` holds every call until set."""
+    """Counts calls, and the requests that missed the cache and joined a flight (``handle``);
+    fails the first ``failures`` calls; ``gate`` holds every call until set."""
 
     def __init__(self, failures: int = 0, result: CacheEntry | None = ENTRY) -> None:
-        self.calls, self.failures, self.result = 0, failures, result
+        self.calls, self.joined, self.failures, self.result = 0, 0, failures, result
         self.gate = asyncio.Event()
         self.gate.set()
 
     async def __call__(self) -> CacheEntry | None:
         self.calls += 1
-        await asyncio.sleep(0.02)
         await self.gate.wait()
         if self.calls <= self.failures:
             raise RuntimeError("upstream failed")
@@ -309,6 +310,7 @@ async def handle(cache: Cache, upstream: Upstream, timeout_s: float = 5) -> tupl
     hit = await cache.get(decision)
     if hit is not None:
         return "hit", hit[0]
+    upstream.joined += 1  # no await until it waits in the flight, or leads
     async with cache.single_flight(decision, timeout_s) as flight:
         if flight.entry is not None:
             return "waited", flight.entry
@@ -322,13 +324,26 @@ async def run_all(*requests):
     return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 20)
 
 
+async def joined(upstream: Upstream, requests: int, calls: int = 1) -> None:
+    """Until ``requests`` missed the cache into the flight and the leader(s) called upstream."""
+    await wait_for(lambda: upstream.joined == requests and upstream.calls == calls)
+
+
+async def all_waiting_then_answer(upstream: Upstream, requests: list[asyncio.Task]) -> list:
+    """Hold the upstream until every request waits on the one leader, then let it answer."""
+    upstream.gate.clear()
+    await joined(upstream, len(requests))
+    upstream.gate.set()
+    return await run_all(*requests)
+
+
 def served(results) -> list[bytes]:
     return [bytes(r[1].images[0].data) for r in results if isinstance(r, tuple) and r[1] is not None]
 
 
 async def test_concurrent_identical_requests_make_one_upstream_call(store):
     cache, upstream = Cache(store), Upstream()
-    results = await run_all(*(handle(cache, upstream) for _ in range(20)))
+    results = await all_waiting_then_answer(upstream, [asyncio.create_task(handle(cache, upstream)) for _ in range(20)])
     assert upstream.calls == 1
     assert sorted(r[0] for r in results) == ["led"] + ["waited"] * 19
     assert served(results) == [IMAGE] * 20
@@ -338,18 +353,15 @@ async def test_concurrent_identical_requests_make_one_upstream_call(store):
 
 async def test_two_replicas_on_one_store_make_one_upstream_call(store):
     replicas, upstream = [Cache(store), Cache(store)], Upstream()
-    upstream.gate.clear()
     requests = [asyncio.create_task(handle(replicas[i % 2], upstream)) for i in range(20)]
-    await asyncio.sleep(0.2)  # every request is waiting on the one leader
-    upstream.gate.set()
-    results = await run_all(*requests)
+    results = await all_waiting_then_answer(upstream, requests)
     assert upstream.calls == 1
     assert served(results) == [IMAGE] * 20
 
 
 async def test_a_failed_leader_hands_over_to_one_waiter(store):
     cache, upstream = Cache(store), Upstream(failures=1)
-    results = await run_all(*(handle(cache, upstream) for _ in range(10)))
+    results = await all_waiting_then_answer(upstream, [asyncio.create_task(handle(cache, upstream)) for _ in range(10)])
     assert upstream.calls == 2
     assert sum(isinstance(r, RuntimeError) for r in results) == 1
     assert served(results) == [IMAGE] * 9
@@ -359,9 +371,9 @@ async def test_a_failed_leader_on_another_replica_hands_over(store):
     a, b, upstream = Cache(store), Cache(store), Upstream(failures=1)
     upstream.gate.clear()
     leader = asyncio.create_task(handle(a, upstream))
-    await asyncio.sleep(0.01)
+    await joined(upstream, 1)  # it holds the lock
     waiters = [asyncio.create_task(handle(b, upstream)) for _ in range(5)]
-    await asyncio.sleep(0.1)
+    await joined(upstream, 6)
     upstream.gate.set()
     results = await run_all(leader, *waiters)
     assert isinstance(results[0], RuntimeError)
@@ -371,7 +383,8 @@ async def test_a_failed_leader_on_another_replica_hands_over(store):
 async def test_when_every_attempt_fails_every_request_returns(store):
     cache, upstream = Cache(store), Upstream(result=None)  # the upstream answers with errors
     a, b = Cache(store), Cache(store)
-    results = await run_all(*(handle(c, upstream) for c in (cache, cache, a, b, b)))
+    results = await all_waiting_then_answer(upstream, [asyncio.create_task(handle(c, upstream))
+                                                       for c in (cache, cache, a, b, b)])
     assert [r[0] for r in results].count("led") == 5 and upstream.calls == 5
 
 
@@ -382,7 +395,7 @@ async def test_a_stuck_leader_does_not_hold_waiters_past_the_timeout(store, wher
     stuck, upstream = Upstream(), Upstream()
     stuck.gate.clear()
     leader = asyncio.create_task(handle(a, stuck))
-    await asyncio.sleep(0.05)
+    await joined(stuck, 1)  # it holds the lock
     results = await run_all(*(handle(b, upstream, timeout_s=0.3) for _ in range(3)))
     assert [r[0] for r in results].count("led") >= 1 and served(results) == [IMAGE] * 3
     leader.cancel()
@@ -393,11 +406,11 @@ async def test_a_waiters_cancellation_does_not_cancel_the_leader_or_other_waiter
     cache, upstream = Cache(store), Upstream()
     upstream.gate.clear()
     leader = asyncio.create_task(handle(cache, upstream))
-    await asyncio.sleep(0.01)
+    await joined(upstream, 1)
     leaving, staying = (asyncio.create_task(handle(cache, upstream)) for _ in range(2))
-    await asyncio.sleep(0.05)
+    await joined(upstream, 3)
     leaving.cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.wait([leaving])
     upstream.gate.set()
     results = await run_all(leader, staying)
     assert [r[0] for r in results] == ["led", "waited"] and upstream.calls == 1
@@ -408,11 +421,11 @@ async def test_a_leaders_client_leaving_hands_over_to_a_waiter(store):
     cache, upstream = Cache(store), Upstream()
     upstream.gate.clear()
     leader = asyncio.create_task(handle(cache, upstream))
-    await asyncio.sleep(0.01)
+    await joined(upstream, 1)
     waiters = [asyncio.create_task(handle(cache, upstream)) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    await joined(upstream, 6)
     leader.cancel()
-    await asyncio.sleep(0.01)
+    await joined(upstream, 6, calls=2)  # a waiter took over
     upstream.gate.set()
     results = await run_all(*waiters)
     assert upstream.calls == 2 and served(results) == [IMAGE] * 5
@@ -434,7 +447,7 @@ async def test_no_cache_requests_lead_at_once_and_their_result_is_stored(store):
     cache, upstream = Cache(store), Upstream()
     upstream.gate.clear()
     pending = asyncio.create_task(handle(cache, upstream))
-    await asyncio.sleep(0.01)
+    await joined(upstream, 1)
     no_cache = decide(team(mode="always"), chat(), "no-cache")
     async with cache.single_flight(no_cache, 5) as flight:  # another flight is running: no wait
         assert flight.leader
@@ -587,9 +600,11 @@ async def test_a_client_leaving_mid_hit_cancels_the_read_ahead(store):
     hit, _ = await cache.get(decision)
     _, pieces = hit_body(hit, stream=False, request_id="req-1")
     await anext(pieces)  # a read is in flight now
+    reads = [t for t in asyncio.all_tasks() if "_read_range" in repr(t.get_coro())]
+    assert reads
     await pieces.aclose()
-    await asyncio.sleep(0.01)
-    assert not [t for t in asyncio.all_tasks() if "_read_range" in repr(t.get_coro())]
+    await asyncio.wait(reads)
+    assert all(t.cancelled() for t in reads)
 
 
 async def test_an_entry_near_its_expiry_is_read_whole_at_lookup(store):
@@ -621,11 +636,8 @@ async def test_a_big_entry_shorter_than_its_header_says_is_a_miss(store):
 
 async def test_waiters_on_two_replicas_share_a_big_entry(store):
     replicas, upstream = [Cache(store), Cache(store)], Upstream(result=BIG_ENTRY)
-    upstream.gate.clear()
     requests = [asyncio.create_task(handle(replicas[i % 2], upstream)) for i in range(6)]
-    await asyncio.sleep(0.2)
-    upstream.gate.set()
-    results = await run_all(*requests)
+    results = await all_waiting_then_answer(upstream, requests)
     assert upstream.calls == 1
     bodies = {bytes(b"".join((await body_of(entry))[1])) for _, entry in results}
     assert len(bodies) == 1  # the leader's entry in memory, the others' from the store: same answer

@@ -114,10 +114,17 @@ async def test_a_failed_get_ranges_is_one_store_error():
 
 
 class HungClient:
+    """Never answers; ``called`` is set once a command reached it."""
+
+    def __init__(self):
+        self.called = asyncio.Event()
+
     async def evalsha(self, *args):
+        self.called.set()
         await asyncio.sleep(3600)
 
     async def get(self, key):
+        self.called.set()
         await asyncio.sleep(3600)
 
 
@@ -141,10 +148,11 @@ async def test_a_slow_store_answers_a_patient_caller():
 
 async def test_while_down_one_operation_probes_and_the_others_fail_at_once():
     ops = []
-    s = RedisStore(HungClient(), kind="redis", timeout_s=0.5, on_error=ops.append)
+    client = HungClient()
+    s = RedisStore(client, kind="redis", timeout_s=0.5, on_error=ops.append)
     s.healthy = False
     probe = asyncio.create_task(s.get("k"))
-    await asyncio.sleep(0.01)
+    await client.called.wait()  # the probe is out
     for _ in range(5):  # answered at once, without waiting on the hung store
         with pytest.raises(StoreError) as e:
             await asyncio.wait_for(s.get("k"), 0.1)
@@ -198,11 +206,29 @@ class SlowClient:
         return b"v"
 
 
+class GatedClient:
+    """Each get holds its connection until ``gate`` is set; ``called`` once one reached it."""
+
+    def __init__(self):
+        self.gate, self.called = asyncio.Event(), asyncio.Event()
+
+    async def get(self, key):
+        self.called.set()
+        await self.gate.wait()
+        return b"v"
+
+
 async def test_waiting_for_a_free_connection_is_not_an_outage():
-    s = RedisStore(SlowClient(), kind="redis", timeout_s=0.75, max_inflight=1)
-    results = await asyncio.gather(*(s.get("k") for _ in range(3)), return_exceptions=True)
-    assert results[:2] == [b"v", b"v"]  # the second waited 0.3 s for the connection: fine
-    assert isinstance(results[2], StoreError) and "busy" in str(results[2]) and results[2].down is False
+    client = GatedClient()
+    s = RedisStore(client, kind="redis", timeout_s=5, max_inflight=1)
+    holder = asyncio.create_task(s.get("k"))
+    await client.called.wait()  # it holds the one connection
+    waiting = asyncio.create_task(s.get("k"))
+    with pytest.raises(StoreError) as e:  # its patience ran out while waiting for the connection
+        await s.get("k", timeout_s=0.1)
+    assert "busy" in str(e.value) and e.value.down is False
+    client.gate.set()
+    assert [await holder, await waiting] == [b"v", b"v"]  # the second waited for the connection: fine
     assert s.healthy is True and s.last_error is None
 
 
@@ -220,6 +246,9 @@ class FakeNode:
         self.broken: set[str] = set()
         self.send_error: Exception | None = None
         self.read_delay_s = 0.0
+        self.sent = asyncio.Event()  # set once a pipeline was written
+        self.answering = asyncio.Event()  # cleared: every answer waits until it is set again
+        self.answering.set()
 
     def answer(self, cmd: tuple[str, ...]):
         name, body, nkeys = cmd[0], cmd[1], int(cmd[2])
@@ -250,10 +279,12 @@ class FakeConnection:
         while (cmd := reader.gets()) is not False:
             cmds.append(tuple(x.decode() for x in cmd))
         self.node.pipelines.append([c[0] for c in cmds])
+        self.node.sent.set()
         self.answers += [self.node.answer(c) for c in cmds]
 
     async def read_response(self):
         await asyncio.sleep(self.node.read_delay_s)
+        await self.node.answering.wait()
         answer = self.answers.pop(0)
         if isinstance(answer, ResponseError):
             raise answer
@@ -364,7 +395,7 @@ async def test_pipelined_while_down_one_batch_probes_and_the_others_fail_at_once
     s.healthy, s.last_error = False, "ConnectionError"
     probe = asyncio.gather(s.run_script("admit", ["a"], []), s.run_script("admit", ["b"], []),
                            return_exceptions=True)
-    await asyncio.sleep(0.01)
+    await node.sent.wait()  # the probe is out
     for _ in range(5):  # answered at once, without waiting on the hung node
         with pytest.raises(StoreError) as e:
             await asyncio.wait_for(s.run_script("settle", ["c"], []), 0.1)
@@ -387,16 +418,16 @@ async def test_a_caller_gone_before_the_pipeline_leaves_is_not_sent():
 
 
 async def test_pipelined_waiting_for_a_free_connection_is_not_an_outage():
-    s, node, _ = pipelined(timeout_s=0.75, max_inflight=1)
-    node.read_delay_s = 0.3
-
-    async def later(delay, key):
-        await asyncio.sleep(delay)
-        return await s.run_script("usage", [key], [])
-
-    results = await asyncio.gather(later(0, "a"), later(0.01, "b"), later(0.02, "c"), return_exceptions=True)
-    assert results[:2] == [["a"], ["b"]]  # the second waited 0.3 s for the connection: fine
-    assert isinstance(results[2], StoreError) and "busy" in str(results[2]) and results[2].down is False
+    s, node, _ = pipelined(timeout_s=5, max_inflight=1)
+    node.answering.clear()
+    first = asyncio.create_task(s.run_script("usage", ["a"], []))
+    await node.sent.wait()  # it holds the one connection
+    second = asyncio.create_task(s.run_script("usage", ["b"], []))
+    with pytest.raises(StoreError) as e:  # its patience ran out while waiting for the connection
+        await s.run_script("usage", ["c"], [], timeout_s=0.1)
+    assert "busy" in str(e.value) and e.value.down is False
+    node.answering.set()
+    assert [await first, await second] == [["a"], ["b"]]  # the second waited for the connection: fine
     assert s.healthy is True and s.last_error is None
 
 
@@ -405,7 +436,7 @@ async def test_close_lets_the_pipelines_in_flight_answer():
     node.read_delay_s = 0.05
     s.client.aclose = lambda: asyncio.sleep(0)
     pending = asyncio.ensure_future(s.run_script("usage", ["a"], []))
-    await asyncio.sleep(0.01)
+    await node.sent.wait()  # in flight: written, not yet answered
     await s.close()
     assert pending.done() and pending.result() == ["a"]
 
