@@ -4,15 +4,26 @@ read side behind ``GET /v1/usage``, ``GET /admin/usage`` and ``gateway usage``.
 Per team and UTC period, one hash each, written by settle.lua in the same round trip that
 settles the request, and kept in the store so it survives gateway restarts:
 
-    gw:{team:<name>}:usage:day:YYYY-MM-DD   expires after ~40 days
-    gw:{team:<name>}:usage:month:YYYY-MM    expires after ~400 days
+    gw:{limits}:team:<name>:usage:day:YYYY-MM-DD   expires after ~40 days
+    gw:{limits}:team:<name>:usage:month:YYYY-MM    expires after ~400 days
+
+and the same for the account shared by all teams (``gw:{limits}:account:usage:...``), written
+by the same settle whenever the account has limits, so it holds every team's usage since then.
 
 Fields: requests, prompt/completion/image/reasoning/audio tokens, images_in, images_out,
 cost_micro (integer micro-dollars: exact sums, no float drift), cache_hits, cache_saved_tokens;
 the day hash also holds quota_tokens (settled tokens plus in-flight reservations: what
-``tokens_per_day`` is checked against), the month hash quota_micro (settled cost plus the priced
-estimates of requests in flight: what ``usd_per_month`` is checked against). Every key of a team
-carries its hash tag, so one script reads both hashes, Cluster-safe.
+``tokens_per_day`` is checked against), the day and month hashes quota_micro (settled cost plus
+the priced estimates of requests in flight: what ``usd_per_day`` and ``usd_per_month`` are
+checked against).
+
+Every limits key (buckets, leases, admission records, ledgers, of every team and of the
+account) carries the one hash tag ``{limits}``: admit.lua checks a team and the account in one
+atomic script, which Redis Cluster runs only on keys of one slot. So on a Cluster the limits
+live on one shard (the cache spreads over all of them); at one script call per admission and
+one per settle, a shard has room for far more requests than an upstream account allows. The tag
+does not depend on whether ``account:`` is configured, so adding or removing it (on a reload)
+moves no key and resets no quota.
 """
 from __future__ import annotations
 
@@ -20,7 +31,7 @@ from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any, Mapping
 
-from gateway.config import Team
+from gateway.config import Account, Limits, Quota, Team
 from gateway.errors import StoreUnavailable
 from gateway.store import StoreError
 from gateway.usage import TOKEN_TYPES, Usage
@@ -28,25 +39,30 @@ from gateway.usage import TOKEN_TYPES, Usage
 DAY_TTL_S = 40 * 86400
 MONTH_TTL_S = 400 * 86400
 QUOTA_TOKENS = "quota_tokens"  # day field: tokens counted against tokens_per_day
-QUOTA_MICRO = "quota_micro"  # month field: micro-dollars counted against usd_per_month
+QUOTA_MICRO = "quota_micro"  # day and month field: micro-dollars counted against usd_per_day/usd_per_month
 COST_MICRO = "cost_micro"  # day and month field: micro-dollars spent
 COUNTS = ("requests", *TOKEN_TYPES, "images_in", "images_out", COST_MICRO, "cache_hits", "cache_saved_tokens")
 
 
+TAG = "gw:{limits}:"  # every limits key starts so: one Cluster hash slot (see above)
+ACCOUNT_PREFIX = TAG + "account:"  # every key of the account starts so
+
+
 def team_prefix(team: str) -> str:
-    """Every key of a team starts so; the braces make one Cluster hash slot per team."""
-    return f"gw:{{team:{team}}}:"
+    """Every key of a team starts so (team names hold no ':', so no team's keys meet another's)."""
+    return f"{TAG}team:{team}:"
 
 
-def usage_prefix(team: str) -> str:
-    return team_prefix(team) + "usage:"
+def usage_prefix(team: str | None) -> str:
+    """The ledger of a team, or of the account (``None``)."""
+    return (ACCOUNT_PREFIX if team is None else team_prefix(team)) + "usage:"
 
 
-def day_key(team: str, day: date | str) -> str:
+def day_key(team: str | None, day: date | str) -> str:
     return f"{usage_prefix(team)}day:{day if isinstance(day, str) else day.isoformat()}"
 
 
-def month_key(team: str, month: str) -> str:
+def month_key(team: str | None, month: str) -> str:
     return f"{usage_prefix(team)}month:{month}"
 
 
@@ -99,13 +115,15 @@ def _shape(raw: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-async def read_usage(store: Any, team_name: str, *, day: date | None = None, month: str | None = None) -> dict:
-    """The team's ledger for ``day`` and/or ``month`` ('YYYY-MM'), in one round trip.
+async def read_usage(store: Any, team_name: str | None, *, day: date | None = None,
+                     month: str | None = None) -> dict:
+    """The ledger of a team (of the account: ``None``) for ``day`` and/or ``month``
+    ('YYYY-MM'), in one round trip.
 
     Returns {"day": {"date": ..., requests, tokens{...}, images_in, images_out, cost_usd,
-    cache_hits, cache_saved_tokens, quota_tokens}, "month": {"month": ..., same but quota_micro}},
-    holding only
-    the periods asked for (both None: today and this month, UTC). Raises StoreUnavailable.
+    cache_hits, cache_saved_tokens, quota_tokens (and the account's quota_micro)},
+    "month": {"month": ..., same but quota_micro}}, holding only the periods asked for (both
+    None: today and this month, UTC). Raises StoreUnavailable.
     """
     if day is None and month is None:
         today = datetime.now(timezone.utc).date()
@@ -126,37 +144,55 @@ async def read_usage(store: Any, team_name: str, *, day: date | None = None, mon
         fields = _decode(flat)
         if name == "day":
             out["day"] = {"date": day.isoformat(), **_shape(fields), QUOTA_TOKENS: fields.get(QUOTA_TOKENS, 0)}
+            if team_name is None:  # what usd_per_day is checked against
+                out["day"][QUOTA_MICRO] = fields.get(QUOTA_MICRO, 0)
         else:
             out["month"] = {"month": month, **_shape(fields), QUOTA_MICRO: fields.get(QUOTA_MICRO, 0)}
     return out
 
 
-def remaining(team: Team, day_quota_tokens: int, month_quota_micro: int) -> dict[str, float | None]:
-    """What is left of each quota (None: no such quota), in-flight reservations deducted; never below zero."""
-    q = team.quota
+def remaining(quota: Quota, day_tokens: int, month_micro: int,
+              day_micro: int | None = None) -> dict[str, float | None]:
+    """What is left of each quota (None: no such quota), in-flight reservations deducted; never
+    below zero. ``usd_per_day`` (the account's) only when ``day_micro`` is given."""
+    def usd(limit: float | None, micro: int) -> float | None:
+        return None if limit is None else max(0.0, round(limit - micro / 1_000_000, 6))
+
+    left = {"tokens_per_day": None if quota.tokens_per_day is None else max(0, quota.tokens_per_day - day_tokens)}
+    if day_micro is not None:
+        left["usd_per_day"] = usd(quota.usd_per_day, day_micro)
+    left["usd_per_month"] = usd(quota.usd_per_month, month_micro)
+    return left
+
+
+async def _report(store: Any, team_name: str | None, limits: Limits, quota: Quota, now: datetime | float) -> dict:
+    """Today, this month, the limits and what remains, of a team or of the account (``None``)."""
+    when = now if isinstance(now, datetime) else datetime.fromtimestamp(now, timezone.utc)
+    today = when.astimezone(timezone.utc).date()
+    usage = await read_usage(store, team_name, day=today, month=today.isoformat()[:7])
+    day, month = usage["day"], usage["month"]
+    quotas = {"tokens_per_day": quota.tokens_per_day, "usd_per_month": quota.usd_per_month}
+    if team_name is None:
+        quotas["usd_per_day"] = quota.usd_per_day
     return {
-        "tokens_per_day": None if q.tokens_per_day is None else max(0, q.tokens_per_day - day_quota_tokens),
-        "usd_per_month": None
-        if q.usd_per_month is None
-        else max(0.0, round(q.usd_per_month - month_quota_micro / 1_000_000, 6)),
+        "day": day,
+        "month": month,
+        "limits": {
+            "requests_per_minute": limits.requests_per_minute,
+            "tokens_per_minute": limits.tokens_per_minute,
+            "max_concurrent": limits.max_concurrent,
+        },
+        "quota": quotas,
+        "remaining": remaining(quota, day[QUOTA_TOKENS], month[QUOTA_MICRO], day.get(QUOTA_MICRO)),
     }
 
 
 async def team_usage_report(store: Any, team: Team, now: datetime | float) -> dict:
     """What ``GET /v1/usage`` answers: today, this month, the team's limits and what remains."""
-    when = now if isinstance(now, datetime) else datetime.fromtimestamp(now, timezone.utc)
-    today = when.astimezone(timezone.utc).date()
-    usage = await read_usage(store, team.name, day=today, month=today.isoformat()[:7])
-    lim = team.limits
-    return {
-        "team": team.name,
-        "day": usage["day"],
-        "month": usage["month"],
-        "limits": {
-            "requests_per_minute": lim.requests_per_minute,
-            "tokens_per_minute": lim.tokens_per_minute,
-            "max_concurrent": lim.max_concurrent,
-        },
-        "quota": {"tokens_per_day": team.quota.tokens_per_day, "usd_per_month": team.quota.usd_per_month},
-        "remaining": remaining(team, usage["day"][QUOTA_TOKENS], usage["month"][QUOTA_MICRO]),
-    }
+    return {"team": team.name, **await _report(store, team.name, team.limits, team.quota, now)}
+
+
+async def account_usage_report(store: Any, account: Account, now: datetime | float) -> dict:
+    """The account's part of ``GET /admin/usage``: every team's usage since the account has
+    limits, its limits and what remains of its quotas."""
+    return await _report(store, None, account.limits, account.quota, now)

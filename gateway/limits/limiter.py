@@ -1,10 +1,12 @@
-"""admit(team, request) -> Admission: per-team rate limits, concurrency leases and quotas.
+"""admit(team, request) -> Admission: per-team rate limits, concurrency leases and quotas, and
+those of the account all teams share (``account:``).
 
 The algorithms live only in gateway/lua/ (admit.lua, settle.lua, renew.lua); this module
 builds their arguments and turns their answers into headers, errors and metrics. Admission is
-one script call for all of a team's limits (checked, then consumed, atomically, on Redis' own
-clock); settlement is one more. Per team, the keys and fixed script arguments are built once
-(``_Plan``).
+one script call for all of a team's limits and the account's (checked, then consumed,
+atomically, on Redis' own clock; every limits key shares one hash tag, see ledger.py);
+settlement is one more. Per team, the keys and fixed script arguments are built once
+(``_Plan``); a refusal by the account names it, and counts as ``account_<limit>``.
 
 Every admission has an id. What admit.lua reserved (tokens, and the priced estimate against
 ``usd_per_month``) is recorded under it, so a settle trues up exactly that and is idempotent,
@@ -18,8 +20,8 @@ background task per replica: every third of the ttl, one renew.lua call per team
 that team's live admissions. A dead replica's slots come back within the ttl; a living
 request keeps its slot however long it runs.
 
-``metrics`` (optional) needs: ``rejection(team, limit)``, ``store_error(op)`` and
-``quota_remaining(team, quota, value)``. Store errors are counted by the store's own
+``metrics`` (optional) needs: ``rejection(team, limit)``, ``store_error(op)``,
+``quota_remaining(team, quota, value)`` and ``account_quota_remaining(quota, value)``. Store errors are counted by the store's own
 ``on_error`` hook when it has one; the limiter counts them only when it does not.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from gateway.config import Config, Team
+from gateway.config import Account, Config, Limits, Quota, Team
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
 from gateway.limits import ledger
 from gateway.store import Store, StoreError
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 # it in a stalled store's sockets can still run late, and than a settle's retries take once
 # the store answers again (they run on the next renewal ticks).
 MARKER_TTL_S = 600
+ACCOUNT = "account_"  # how admit.lua names the account's limits in a refusal
 MAX_OWED = 100_000  # settles and releases kept for retry while the store is away; beyond, dropped (logged)
 
 
@@ -78,9 +81,9 @@ def micro_usd(usd: float) -> int:
     return round(usd * 1_000_000)
 
 
-def limit_keys(team: str) -> tuple[str, str, str]:
-    """(requests bucket, tokens bucket, leases) of a team; same hash tag as its ledger."""
-    p = ledger.team_prefix(team)
+def limit_keys(team: str | None) -> tuple[str, str, str]:
+    """(requests bucket, tokens bucket, leases) of a team, or of the account (``None``)."""
+    p = ledger.ACCOUNT_PREFIX if team is None else ledger.team_prefix(team)
     return p + "rpm", p + "tpm", p + "leases"
 
 
@@ -91,6 +94,11 @@ def _s(v: Any) -> str:
 def _arg(v: float | None) -> bytes:
     """A script argument as redis-py would send it ('' for None), encoded once, not per call."""
     return b"" if v is None else str(v).encode()
+
+
+def _has_limits(lim: Limits, quota: Quota) -> bool:
+    return not all(v is None for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.max_concurrent,
+                                      quota.tokens_per_day, quota.usd_per_day, quota.usd_per_month))
 
 
 class _Ids:
@@ -113,40 +121,48 @@ _ids = _Ids()
 
 
 class _Plan:
-    """What does not change between one team's requests, computed once: its keys, the fixed
-    script arguments (already bytes, so redis-py does not encode them per call) and the header
-    values of its limits."""
+    """What does not change between one team's requests, computed once: its keys and those of
+    the account (when it has limits), the fixed script arguments (already bytes, so redis-py
+    does not encode them per call) and the header values of the team's limits."""
 
-    __slots__ = ("team", "limited", "prefix", "admit_keys", "admit_args", "tpm_key", "leases_key",
-                 "usage_prefix", "settle_args", "rpm", "tpm")
+    __slots__ = ("team", "account", "limited", "admit_keys", "admit_args", "tpm_key", "leases_keys",
+                 "settle_keys", "settle_args", "rpm", "tpm")
 
-    def __init__(self, team: Team, lease_ttl_s: float) -> None:
-        lim, quota = team.limits, team.quota
-        self.team = team
-        self.limited = not (lim.requests_per_minute is None and lim.tokens_per_minute is None
-                            and lim.max_concurrent is None and quota.tokens_per_day is None
-                            and quota.usd_per_month is None)
-        self.prefix = ledger.team_prefix(team.name)
-        rpm_key, self.tpm_key, self.leases_key = limit_keys(team.name)
-        self.usage_prefix = ledger.usage_prefix(team.name)
-        self.admit_keys = (rpm_key, self.tpm_key, self.leases_key, self.usage_prefix)
-        usd = None if quota.usd_per_month is None else micro_usd(quota.usd_per_month)
+    def __init__(self, team: Team, account: Account | None, lease_ttl_s: float) -> None:
+        self.team, self.account = team, account
+        scopes = [(team.name, team.limits, team.quota)]
+        if account is not None and _has_limits(account.limits, account.quota):
+            scopes.append((None, account.limits, account.quota))
+        self.limited = any(_has_limits(lim, quota) for _, lim, quota in scopes)
+        keys = [(*limit_keys(name), ledger.usage_prefix(name)) for name, _, _ in scopes]
+        self.tpm_key = keys[0][1]
+        self.leases_keys = tuple(k[2] for k in keys)
+        self.admit_keys = tuple(k for scope in keys for k in scope)  # admit.lua KEYS[2..]
+        self.settle_keys = tuple(k for rpm, tpm, leases, usage in keys for k in (tpm, leases, usage))
+        fields = (ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode())
+        ttls = (_arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S))
         # admit.lua ARGV[5..]: the arguments after now, tokens, micro-$ and admission id
-        self.admit_args = (_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent),
-                           _arg(math.ceil(lease_ttl_s * 1000)), _arg(quota.tokens_per_day), _arg(usd),
-                           _arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S),
-                           ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode())
-        # settle.lua ARGV[9..14]
-        self.settle_args = (_arg(lim.tokens_per_minute), _arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S),
-                            ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode(), _arg(MARKER_TTL_S * 1000))
+        self.admit_args = (_arg(math.ceil(lease_ttl_s * 1000)), *ttls, *fields, *(
+            _arg(v) for _, lim, q in scopes
+            for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.max_concurrent, q.tokens_per_day,
+                      _micro_or_none(q.usd_per_day), _micro_or_none(q.usd_per_month))))
+        # settle.lua ARGV[9..]
+        self.settle_args = (*ttls, *fields, _arg(MARKER_TTL_S * 1000),
+                            *(_arg(lim.tokens_per_minute) for _, lim, _ in scopes))
+        lim = team.limits
         self.rpm = None if lim.requests_per_minute is None else str(lim.requests_per_minute)
         self.tpm = None if lim.tokens_per_minute is None else str(lim.tokens_per_minute)
 
-    def record_key(self, admission_id: str) -> str:
-        return f"{self.prefix}adm:{admission_id}"
+    @property
+    def with_account(self) -> bool:
+        return len(self.leases_keys) == 2
 
-    def settle_keys(self, admission_id: str) -> tuple[str, str, str, str]:
-        return self.tpm_key, self.leases_key, self.record_key(admission_id), self.usage_prefix
+    def record_key(self, admission_id: str) -> str:
+        return f"{ledger.team_prefix(self.team.name)}adm:{admission_id}"
+
+
+def _micro_or_none(usd: float | None) -> int | None:
+    return None if usd is None else micro_usd(usd)
 
 
 class Admission:
@@ -187,7 +203,7 @@ class Limiter:
         self.lease_ttl_s = lease_ttl_s or config.store.lease_ttl_s
         self._degraded = False
         self._plans: dict[str, _Plan] = {}
-        self._live: dict[str, tuple[_Plan, set[str]]] = {}  # team -> its admissions being renewed
+        self._live: dict[_Plan, set[str]] = {}  # the admissions being renewed, by the plan they were admitted on
         self._owed: deque[tuple[str, tuple, tuple]] = deque()  # settle.lua calls to repeat until they answer
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -207,9 +223,15 @@ class Limiter:
 
     def _plan(self, team: Team) -> _Plan:
         plan = self._plans.get(team.name)
-        if plan is None:
-            plan = self._plans[team.name] = _Plan(team, self.lease_ttl_s)
+        if plan is None or plan.team is not team:  # another config's Team (a reload): its limits may differ
+            plan = self._plans[team.name] = _Plan(team, self.config.account, self.lease_ttl_s)
         return plan
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config, for the admissions to come; those made already settle by their own
+        plans. (The lease ttl, and so the renewal tick, stays: ``store.*`` needs a restart.)"""
+        self.config, self.on_error = config, config.store.on_error
+        self._plans.clear()
 
     async def admit(self, team: Team, request: ChatRequest, *, deadline: float | None = None) -> Admission:
         """Raise RateLimited, QuotaExceeded, or StoreUnavailable (the store slower than
@@ -222,7 +244,7 @@ class Limiter:
         aid = _ids.next()
         wait = {} if deadline is None else {"timeout_s": max(0.0, deadline - asyncio.get_running_loop().time())}
         try:
-            r = await self.store.run_script("admit", (*plan.admit_keys, plan.record_key(aid)),
+            r = await self.store.run_script("admit", (plan.record_key(aid), *plan.admit_keys),
                                             (self._now_arg(), tokens, micro, aid, *plan.admit_args), **wait)
         except asyncio.CancelledError:  # the script may run all the same: undo it by its id
             self._release(plan, aid)
@@ -243,13 +265,10 @@ class Limiter:
             limit = _s(r[1])
             if self.metrics is not None:
                 self.metrics.rejection(team.name, limit)
-            raise self._refusal(team, limit, int(r[2]), int(r[3]), tokens, headers)
+            raise self._refusal(plan, limit, int(r[2]), int(r[3]), tokens, headers)
         adm = Admission(self, plan, aid, date=_s(r[4]), month=_s(r[5]), reserved=tokens,
                         reserved_micro=micro, headers=headers)
-        live = self._live.get(team.name)
-        if live is None:
-            live = self._live[team.name] = (plan, set())
-        live[1].add(aid)
+        self._live.setdefault(plan, set()).add(aid)
         return adm
 
     def _local_period(self) -> dict[str, str]:
@@ -271,19 +290,25 @@ class Limiter:
         return h
 
     @staticmethod
-    def _refusal(team: Team, limit: str, retry_ms: int, now_ms: int, tokens: int,
+    def _refusal(plan: _Plan, limit: str, retry_ms: int, now_ms: int, tokens: int,
                  headers: dict[str, str]) -> RateLimited | QuotaExceeded:
+        """The 429 of the ``limit`` admit.lua named: the team's, or the account's (``account_...``)."""
         retry_s = retry_ms / 1000
-        lim, q, who = team.limits, team.quota, f"team '{team.name}'"
-        if limit in ("tokens_per_day", "usd_per_month"):
+        name = limit.removeprefix(ACCOUNT)
+        if name != limit:
+            owner, who = plan.account, "the account (shared by all teams)"
+        else:
+            owner, who = plan.team, f"team '{plan.team.name}'"
+        lim, q = owner.limits, owner.quota
+        if name in ("tokens_per_day", "usd_per_day", "usd_per_month"):
             resets = datetime.fromtimestamp((now_ms + retry_ms) / 1000, timezone.utc)
             at = resets.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-            amount = f"{q.tokens_per_day} tokens" if limit == "tokens_per_day" else f"${q.usd_per_month:g}"
-            msg = f"Quota exceeded for {who}: {limit} ({amount}) is used up; it resets at {at}."
+            amount = f"{q.tokens_per_day} tokens" if name == "tokens_per_day" else f"${getattr(q, name):g}"
+            msg = f"Quota exceeded for {who}: {name} ({amount}) is used up; it resets at {at}."
             return QuotaExceeded(msg, limit=limit, retry_after_s=retry_s, headers=headers)
-        if limit == "max_concurrent":
+        if name == "max_concurrent":
             what = f"max_concurrent ({lim.max_concurrent} requests in flight)"
-        elif limit == "tokens_per_minute":
+        elif name == "tokens_per_minute":
             what = f"tokens_per_minute ({lim.tokens_per_minute}; this request reserves {tokens} tokens)"
         else:
             what = f"requests_per_minute ({lim.requests_per_minute})"
@@ -294,29 +319,33 @@ class Limiter:
 
     async def _settle(self, adm: Admission, usage: Usage, cached: bool) -> None:
         plan = adm.plan
-        live = self._live.get(plan.team.name)
+        live = self._live.get(plan)
         if live is not None:
-            live[1].discard(adm.id)
+            live.discard(adm.id)
         charged, micro = (0, 0) if cached else (usage.total, micro_usd(usage.cost_usd))
         args = (self._now_arg(), adm.id, charged, micro, adm.reserved, adm.reserved_micro, adm.date, adm.month,
                 *plan.settle_args, *ledger.increments(usage, cached=cached))
         try:
-            r = await self.store.run_script("settle", plan.settle_keys(adm.id), args)
+            r = await self.store.run_script("settle", (plan.record_key(adm.id), *plan.settle_keys), args)
         except StoreError as e:
             self._store_failed("settle", e)
-            self._owe(plan.settle_keys(adm.id), args)
+            self._owe((plan.record_key(adm.id), *plan.settle_keys), args)
             return
         if not int(r[0]):
             return
-        adm.remaining = ledger.remaining(plan.team, int(r[1]), int(r[2]))
+        adm.remaining = ledger.remaining(plan.team.quota, int(r[1]), int(r[3]))
+        account = ledger.remaining(plan.account.quota, int(r[4]), int(r[6]), int(r[5])) if plan.with_account else {}
         if self.metrics is not None:
             for quota, value in adm.remaining.items():
                 if value is not None:
                     self.metrics.quota_remaining(plan.team.name, quota, value)
+            for quota, value in account.items():
+                if value is not None:
+                    self.metrics.account_quota_remaining(quota, value)
 
     def _release(self, plan: _Plan, admission_id: str) -> None:
         """Undo, by its id, an admission the gateway gave up on; done by the renewal task."""
-        self._owe(plan.settle_keys(admission_id),
+        self._owe((plan.record_key(admission_id), *plan.settle_keys),
                   (self._now_arg(), admission_id, b"", 0, 0, 0, b"", b"", *plan.settle_args))
 
     def _owe(self, keys: tuple, args: tuple) -> None:
@@ -377,14 +406,18 @@ class Limiter:
             await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _renew(self) -> None:
-        """One renew.lua call per team with live admissions here (one hash tag each)."""
+        """One renew.lua call per team (per plan) with live admissions here: its leases, and
+        theirs in the account's."""
         calls = []
-        for plan, ids in self._live.values():
-            if ids:
-                ids_now = tuple(ids)
-                calls.append(self.store.run_script(
-                    "renew", (plan.leases_key, *map(plan.record_key, ids_now)),
-                    (self._now_arg(), math.ceil(self.lease_ttl_s * 1000), *ids_now), timeout_s=2 * self._tick_s))
+        for plan, ids in list(self._live.items()):
+            if not ids:
+                del self._live[plan]
+                continue
+            ids_now = tuple(ids)
+            calls.append(self.store.run_script(
+                "renew", (*plan.leases_keys, *map(plan.record_key, ids_now)),
+                (self._now_arg(), math.ceil(self.lease_ttl_s * 1000), len(plan.leases_keys), *ids_now),
+                timeout_s=2 * self._tick_s))
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, StoreError):  # the next tick tries again, well within the ttl
                 self._store_failed("renew", result)

@@ -1,31 +1,34 @@
--- admit.lua: check ALL of one team's limits and quotas; consume them only if every one passes.
--- One call is the whole admission (one round trip). The same script runs on Redis, on Redis
--- Cluster (every key carries the team's hash tag) and on the embedded store. Times are in
--- milliseconds since the epoch, from Redis' own clock unless a test injects one.
+-- admit.lua: check ALL the limits and quotas of a team and, when one is configured, of the
+-- account shared by every team; consume them only if every one passes. One call is the whole
+-- admission (one round trip). The same script runs on Redis, on Redis Cluster (every limits
+-- key carries one hash tag, so team and account keys share a slot) and on the embedded store.
+-- Times are in milliseconds since the epoch, from Redis' own clock unless a test injects one.
 --
--- All or nothing: every argument, then every limit, is checked before the first write, so a
--- bad argument or a refusal leaves the store exactly as it was (Redis does not roll back).
+-- All or nothing: every argument, then every limit of every scope, is checked before the first
+-- write, so a bad argument or a refusal (by the team or by the account) leaves the store
+-- exactly as it was (Redis does not roll back).
 --
--- KEYS[1] rpm bucket, KEYS[2] tpm bucket: GCRA "theoretical arrival time" (a token bucket whose
---         burst is one minute's worth), KEYS[3] leases: zset admission id -> expiry,
--- KEYS[4] usage prefix: the day and month ledger hashes are KEYS[4]..'day:YYYY-MM-DD' and
---         KEYS[4]..'month:YYYY-MM' (same hash tag; derived here because the day comes from TIME),
--- KEYS[5] the admission's record: what it reserved, 'tokens micro-$ day month', so that
---         settle.lua and a release undo exactly that. Holding 'x' (a release ran first: the
---         gateway gave this admission up), nothing is admitted or written.
+-- A scope is the team (scope 1) or the account (scope 2, optional). Per scope s, keys
+-- KEYS[4s-2..4s+1]: rpm bucket, tpm bucket (GCRA "theoretical arrival time": a token bucket
+--   whose burst is one minute's worth), leases (zset admission id -> expiry), usage prefix (the
+--   day and month ledger hashes are prefix..'day:YYYY-MM-DD' and prefix..'month:YYYY-MM';
+--   derived here because the day comes from TIME).
+-- KEYS[1] the admission's record: what it reserved, 'tokens micro-$ day month', so that
+--   settle.lua and a release undo exactly that in every scope. Holding 'x' (a release ran
+--   first: the gateway gave this admission up), nothing is admitted or written.
 -- Per request:  ARGV[1] now_ms or ''   ARGV[2] tokens reserved   ARGV[3] micro-$ reserved
 --               ARGV[4] admission id
--- Per team (the same for each of its requests):
--- ARGV[5] requests_per_minute or ''   ARGV[6] tokens_per_minute or ''   ARGV[7] max_concurrent or ''
--- ARGV[8] lease (and record) ttl ms   ARGV[9] tokens_per_day or ''   ARGV[10] usd_per_month in micro-$ or ''
--- ARGV[11] day ledger ttl s           ARGV[12] month ledger ttl s
--- ARGV[13] day field counting tokens against tokens_per_day
--- ARGV[14] month field counting micro-dollars against usd_per_month
--- Returns {admitted 1|0, refused limit or '', retry_ms, now_ms, 'YYYY-MM-DD', 'YYYY-MM',
---          rpm_remaining, rpm_reset_ms, tpm_remaining, tpm_reset_ms, day_tokens,
---          month_micro, day_reset_ms, month_reset_ms}
+-- Fixed:        ARGV[5] lease (and record) ttl ms   ARGV[6] day ledger ttl s   ARGV[7] month ledger ttl s
+--               ARGV[8] field counting tokens against tokens_per_day (day hash)
+--               ARGV[9] field counting micro-$ against usd_per_day and usd_per_month (day and month hashes)
+-- Per scope s:  ARGV[6s+4..6s+9] requests_per_minute, tokens_per_minute, max_concurrent,
+--               tokens_per_day, usd_per_day in micro-$, usd_per_month in micro-$ (each or '')
+-- Returns {admitted 1|0, refused limit or '' ('account_' before the account's), retry_ms,
+--          now_ms, 'YYYY-MM-DD', 'YYYY-MM', then the team's rpm_remaining, rpm_reset_ms,
+--          tpm_remaining, tpm_reset_ms}
 
 local BIG = 1e12  -- any count or rate above this is a caller's bug; keeps every sum exact
+local SCOPES = {'', 'account_'}  -- how a refusal names a limit of each scope
 
 -- ARGV[i] as a number in [lo, hi] (a whole one unless real), nil when optional and ''.
 local function arg(i, lo, hi, optional, real)
@@ -38,14 +41,23 @@ local function arg(i, lo, hi, optional, real)
   return n
 end
 
+local n_scopes = (#KEYS - 1) / 4
+if (n_scopes ~= 1 and n_scopes ~= 2) or #ARGV ~= 9 + 6 * n_scopes then error('admit: bad key or argument count') end
 local now = arg(1, 0, 1e15, true, true)
 local tokens, micro = arg(2, 0, BIG), arg(3, 0, BIG)
-local rpm, tpm, max_conc = arg(5, 1, BIG, true), arg(6, 1, BIG, true), arg(7, 1, BIG, true)
-local ttl, tpd, upm = arg(8, 1, BIG), arg(9, 1, BIG, true), arg(10, 0, BIG, true)
-arg(11, 1, BIG)
-arg(12, 1, BIG)
+local ttl = arg(5, 1, BIG)
+arg(6, 1, BIG)
+arg(7, 1, BIG)
 local id = ARGV[4]
-if id == '' or ARGV[13] == '' or ARGV[14] == '' then error('admit: empty id or field name') end
+if id == '' or ARGV[8] == '' or ARGV[9] == '' then error('admit: empty id or field name') end
+local scopes = {}
+for s = 1, n_scopes do
+  local a, k = 6 * s + 3, 4 * s - 3
+  scopes[s] = {name = SCOPES[s], rpm_key = KEYS[k + 1], tpm_key = KEYS[k + 2], leases = KEYS[k + 3],
+               usage = KEYS[k + 4], rpm = arg(a + 1, 1, BIG, true), tpm = arg(a + 2, 1, BIG, true),
+               max_conc = arg(a + 3, 1, BIG, true), tpd = arg(a + 4, 1, BIG, true),
+               upd = arg(a + 5, 0, BIG, true), upm = arg(a + 6, 0, BIG, true)}
+end
 
 if not now then
   local t = redis.call('TIME')
@@ -105,68 +117,82 @@ local day_n = math.floor(now / DAY)
 local y, m, d = civil(day_n)
 local date = string.format('%04d-%02d-%02d', y, m, d)
 local month = string.format('%04d-%02d', y, m)
-local day_key, month_key = KEYS[4] .. 'day:' .. date, KEYS[4] .. 'month:' .. month
 local day_reset = (day_n + 1) * DAY - now
 local month_reset = (day_n - d + 1 + month_days(y, m)) * DAY - now
 
-if redis.call('EXISTS', KEYS[5]) == 1 then  -- released before it ran: the gateway gave it up
-  return {0, 'released', 0, math.floor(now), date, month, 0, 0, 0, 0, 0, 0, 0, 0}
+if redis.call('EXISTS', KEYS[1]) == 1 then  -- released before it ran: the gateway gave it up
+  return {0, 'released', 0, math.floor(now), date, month, 0, 0, 0, 0}
 end
 
--- Quotas: in-flight reservations count, so only the request that crosses a quota overspends.
-local day_tokens = tonumber(redis.call('HGET', day_key, ARGV[13])) or 0
-local month_micro = tonumber(redis.call('HGET', month_key, ARGV[14])) or 0
-if tpd and day_tokens >= tpd then refuse('tokens_per_day', day_reset) end
-if upm and month_micro >= upm then refuse('usd_per_month', month_reset) end
-
+-- Every check of one scope; what it would write is kept in the scope's table.
 local live = string.format('(%.3f', now)  -- leases still running (expired ones are dead replicas')
-if max_conc and redis.call('ZCOUNT', KEYS[3], live, '+inf') >= max_conc then
-  -- the earliest a slot can free: when the lease that expires first runs out (if not renewed)
-  local first = redis.call('ZRANGEBYSCORE', KEYS[3], live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  refuse('max_concurrent', math.max(1, tonumber(first[2]) - now))
+local function check(sc)
+  local pre = sc.name
+  sc.day_key, sc.month_key = sc.usage .. 'day:' .. date, sc.usage .. 'month:' .. month
+  -- Quotas: in-flight reservations count, so only the request that crosses a quota overspends.
+  if sc.tpd and (tonumber(redis.call('HGET', sc.day_key, ARGV[8])) or 0) >= sc.tpd then
+    refuse(pre .. 'tokens_per_day', day_reset)
+  end
+  if sc.upd and (tonumber(redis.call('HGET', sc.day_key, ARGV[9])) or 0) >= sc.upd then
+    refuse(pre .. 'usd_per_day', day_reset)
+  end
+  if sc.upm and (tonumber(redis.call('HGET', sc.month_key, ARGV[9])) or 0) >= sc.upm then
+    refuse(pre .. 'usd_per_month', month_reset)
+  end
+  if sc.max_conc and redis.call('ZCOUNT', sc.leases, live, '+inf') >= sc.max_conc then
+    -- the earliest a slot can free: when the lease that expires first runs out (if not renewed)
+    local first = redis.call('ZRANGEBYSCORE', sc.leases, live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    refuse(pre .. 'max_concurrent', math.max(1, tonumber(first[2]) - now))
+  end
+  local ok, r
+  if sc.rpm then
+    ok, sc.r_tat, sc.r_new, r = bucket(sc.rpm_key, sc.rpm, 1)
+    if not ok then refuse(pre .. 'requests_per_minute', r) end
+  end
+  if sc.tpm then
+    ok, sc.t_tat, sc.t_new, r = bucket(sc.tpm_key, sc.tpm, tokens)
+    if not ok then refuse(pre .. 'tokens_per_minute', r) end
+  end
 end
 
-local r_ok, r_tat, r_new, r_retry, t_ok, t_tat, t_new, t_retry
-if rpm then
-  r_ok, r_tat, r_new, r_retry = bucket(KEYS[1], rpm, 1)
-  if not r_ok then refuse('requests_per_minute', r_retry) end
-end
-if tpm then
-  t_ok, t_tat, t_new, t_retry = bucket(KEYS[2], tpm, tokens)
-  if not t_ok then refuse('tokens_per_minute', t_retry) end
+-- Only writes: called once every check of every scope passed.
+local function consume(sc)
+  if sc.rpm then
+    sc.r_tat = sc.r_new
+    redis.call('SET', sc.rpm_key, string.format('%.3f', sc.r_tat), 'PX', int(math.ceil(sc.r_tat - now) + KEEP))
+  end
+  if sc.tpm then
+    sc.t_tat = sc.t_new
+    redis.call('SET', sc.tpm_key, string.format('%.3f', sc.t_tat), 'PX', int(math.ceil(sc.t_tat - now) + KEEP))
+  end
+  if sc.max_conc then
+    redis.call('ZREMRANGEBYSCORE', sc.leases, '-inf', string.format('%.3f', now))  -- dead replicas' leases
+    redis.call('ZADD', sc.leases, string.format('%.3f', now + ttl), id)
+    redis.call('PEXPIRE', sc.leases, int(ttl + KEEP))
+  end
+  if tokens > 0 then
+    redis.call('HINCRBY', sc.day_key, ARGV[8], int(tokens))
+  end
+  if micro > 0 then
+    redis.call('HINCRBY', sc.day_key, ARGV[9], int(micro))
+    redis.call('HINCRBY', sc.month_key, ARGV[9], int(micro))
+    redis.call('EXPIRE', sc.month_key, ARGV[7])
+  end
+  if tokens > 0 or micro > 0 then redis.call('EXPIRE', sc.day_key, ARGV[6]) end
 end
 
--- Every check passed: from here on, only writes.
+for s = 1, n_scopes do check(scopes[s]) end
+
 local admitted = 0
 if refused == '' then
   admitted, retry = 1, 0
-  if rpm then
-    r_tat = r_new
-    redis.call('SET', KEYS[1], string.format('%.3f', r_tat), 'PX', int(math.ceil(r_tat - now) + KEEP))
-  end
-  if tpm then
-    t_tat = t_new
-    redis.call('SET', KEYS[2], string.format('%.3f', t_tat), 'PX', int(math.ceil(t_tat - now) + KEEP))
-  end
-  if max_conc then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('%.3f', now))  -- dead replicas' leases
-    redis.call('ZADD', KEYS[3], string.format('%.3f', now + ttl), id)
-    redis.call('PEXPIRE', KEYS[3], int(ttl + KEEP))
-  end
-  if tokens > 0 then
-    day_tokens = redis.call('HINCRBY', day_key, ARGV[13], int(tokens))
-    redis.call('EXPIRE', day_key, ARGV[11])
-  end
-  if micro > 0 then
-    month_micro = redis.call('HINCRBY', month_key, ARGV[14], int(micro))
-    redis.call('EXPIRE', month_key, ARGV[12])
-  end
-  redis.call('SET', KEYS[5], int(tokens) .. ' ' .. int(micro) .. ' ' .. date .. ' ' .. month, 'PX', int(ttl))
+  for s = 1, n_scopes do consume(scopes[s]) end
+  redis.call('SET', KEYS[1], int(tokens) .. ' ' .. int(micro) .. ' ' .. date .. ' ' .. month, 'PX', int(ttl))
 end
 
+local team = scopes[1]
 local r_left, r_reset, t_left, t_reset = 0, 0, 0, 0
-if rpm then r_left, r_reset = level(rpm, r_tat) end
-if tpm then t_left, t_reset = level(tpm, t_tat) end
+if team.rpm then r_left, r_reset = level(team.rpm, team.r_tat) end
+if team.tpm then t_left, t_reset = level(team.tpm, team.t_tat) end
 return {admitted, refused, math.ceil(retry), math.floor(now), date, month,
-        r_left, math.ceil(r_reset), t_left, math.ceil(t_reset),
-        day_tokens, month_micro, math.ceil(day_reset), math.ceil(month_reset)}
+        r_left, math.ceil(r_reset), t_left, math.ceil(t_reset)}

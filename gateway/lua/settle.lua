@@ -1,25 +1,31 @@
--- settle.lua: after a request, true up what admit.lua reserved, release the lease and write
--- the usage ledger, in one round trip. Also the release of an admission the gateway gave up
--- on (it never learnt whether admit.lua ran): that undoes exactly what the record says was
--- reserved, and when admit.lua has not run yet, leaves the tombstone that makes it a no-op.
+-- settle.lua: after a request, true up what admit.lua reserved, release the leases and write
+-- the usage ledger, in every scope (the team, and the account when the admission checked one),
+-- in one round trip. Also the release of an admission the gateway gave up on (it never learnt
+-- whether admit.lua ran): that undoes exactly what the record says was reserved, and when
+-- admit.lua has not run yet, leaves the tombstone that makes it a no-op.
 --
 -- Idempotent by admission id: the first call leaves 'x' in the record, and every later call
 -- (a retry of a settle whose answer was lost, a release after a settle) changes nothing.
 -- Every argument is checked before the first write: all or nothing.
 --
--- KEYS[1] tpm bucket   KEYS[2] leases   KEYS[3] the admission's record (see admit.lua)
--- KEYS[4] usage prefix: the ledger hashes are KEYS[4]..'day:YYYY-MM-DD' and KEYS[4]..'month:YYYY-MM'
+-- KEYS[1] the admission's record (see admit.lua)
+-- Per scope s (1 team, 2 account; the scopes the admission was checked in):
+--   KEYS[3s-1..3s+1] tpm bucket, leases, usage prefix (ledger hashes prefix..'day:YYYY-MM-DD'
+--   and prefix..'month:YYYY-MM')
 -- Per request: ARGV[1] now_ms or ''   ARGV[2] admission id
 -- ARGV[3] tokens to charge (0 for a cache hit), or '' for a release (nothing ran: no charge, no ledger)
 -- ARGV[4] micro-$ to charge   ARGV[5] tokens reserved   ARGV[6] micro-$ reserved
 -- ARGV[7] 'YYYY-MM-DD', ARGV[8] 'YYYY-MM': the period it was admitted in
---         (ARGV[5..8] stand when there is no record: unlimited team, store down at admission,
+--         (ARGV[5..8] stand when there is no record: unlimited, store down at admission,
 --         or the record expired; a release passes 0 0 '' '': it knows only the record)
--- Per team: ARGV[9] tokens_per_minute or ''   ARGV[10] day ledger ttl s   ARGV[11] month ledger ttl s
--- ARGV[12] day field counting tokens against the quota   ARGV[13] month field counting micro-$
--- ARGV[14] how long the 'x' outlives this call, ms
--- ARGV[15..] ledger field, increment, field, increment, ... (added to the day and the month)
--- Returns {1 applied | 0 nothing to do, day tokens counted against the quota, month micro-$ counted}
+-- Fixed: ARGV[9] day ledger ttl s   ARGV[10] month ledger ttl s
+-- ARGV[11] day field counting tokens against tokens_per_day
+-- ARGV[12] day and month field counting micro-$ against usd_per_day and usd_per_month
+-- ARGV[13] how long the 'x' outlives this call, ms
+-- ARGV[13 + s] the tokens_per_minute of scope s, or ''
+-- then: ledger field, increment, field, increment, ... (added to the day and the month of every scope)
+-- Returns {1 applied | 0 nothing to do, then per scope: day tokens counted against the quota,
+--          day micro-$ counted, month micro-$ counted}
 
 local BIG = 1e12
 
@@ -33,27 +39,32 @@ local function arg(i, lo, hi, optional, real)
   return n
 end
 
+local n_scopes = (#KEYS - 1) / 3
+if n_scopes ~= 1 and n_scopes ~= 2 then error('settle: bad key count') end
 local now = arg(1, 0, 1e15, true, true)
 local charged = arg(3, 0, BIG, true)
 local charged_micro, reserved, reserved_micro = arg(4, 0, BIG), arg(5, 0, BIG), arg(6, 0, BIG)
-local tpm = arg(9, 1, BIG, true)
+arg(9, 1, BIG)
 arg(10, 1, BIG)
-arg(11, 1, BIG)
-local marker_ttl = arg(14, 1, BIG)
-for i = 16, #ARGV, 2 do arg(i, -BIG, BIG) end
+local marker_ttl = arg(13, 1, BIG)
+local tpm = {}
+for s = 1, n_scopes do tpm[s] = arg(13 + s, 1, BIG, true) end
+local pairs_from = 14 + n_scopes
+if (#ARGV - pairs_from + 1) % 2 ~= 0 then error('settle: odd ledger increments') end
+for i = pairs_from + 1, #ARGV, 2 do arg(i, -BIG, BIG) end
 local date, month = ARGV[7], ARGV[8]
-if ARGV[2] == '' or ARGV[12] == '' or ARGV[13] == '' then error('settle: empty id or field name') end
+if ARGV[2] == '' or ARGV[11] == '' or ARGV[12] == '' then error('settle: empty id or field name') end
 
 local function int(n) return string.format('%d', n) end
 
-local record = redis.call('GET', KEYS[3])
-if record == 'x' then return {0, 0, 0} end  -- settled or released already
+local record = redis.call('GET', KEYS[1])
+if record == 'x' then return {0} end  -- settled or released already
 if record then  -- what admit.lua reserved, exactly
   local t, mc, dt, mo = string.match(record, '^(%d+) (%d+) (%S+) (%S+)$')
   reserved, reserved_micro, date, month = tonumber(t), tonumber(mc), dt, mo
 elseif not charged then  -- a release that ran first: admit.lua, if it comes, will find the tombstone
-  redis.call('SET', KEYS[3], 'x', 'PX', int(marker_ttl))
-  return {0, 0, 0}
+  redis.call('SET', KEYS[1], 'x', 'PX', int(marker_ttl))
+  return {0}
 end
 if date == '' or month == '' then error('settle: no period') end
 charged = charged or 0
@@ -65,34 +76,43 @@ end
 local MINUTE, KEEP = 60000, 60000
 local delta, delta_micro = charged - reserved, charged_micro - reserved_micro
 
--- The token bucket: a refund moves the arrival time back (never before now), an extra
--- charge moves it forward (never refused: the work is already done).
-if tpm and delta ~= 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
-  if tat < now then tat = now end
-  tat = math.max(now, tat + delta * MINUTE / tpm)
-  if tat > now then
-    redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', int(math.ceil(tat - now) + KEEP))
-  else
-    redis.call('DEL', KEYS[1])
+local out = {1}
+for s = 1, n_scopes do
+  local k = 3 * s - 1
+  local tpm_key, leases, usage = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  -- The token bucket: a refund moves the arrival time back (never before now), an extra
+  -- charge moves it forward (never refused: the work is already done).
+  if tpm[s] and delta ~= 0 then
+    local tat = tonumber(redis.call('GET', tpm_key)) or now
+    if tat < now then tat = now end
+    tat = math.max(now, tat + delta * MINUTE / tpm[s])
+    if tat > now then
+      redis.call('SET', tpm_key, string.format('%.3f', tat), 'PX', int(math.ceil(tat - now) + KEEP))
+    else
+      redis.call('DEL', tpm_key)
+    end
   end
-end
 
-redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZREM', leases, ARGV[2])
 
-local day_key, month_key = KEYS[4] .. 'day:' .. date, KEYS[4] .. 'month:' .. month
-if delta ~= 0 then redis.call('HINCRBY', day_key, ARGV[12], int(delta)) end
-if delta_micro ~= 0 then redis.call('HINCRBY', month_key, ARGV[13], int(delta_micro)) end
-for i = 15, #ARGV - 1, 2 do
-  local n = tonumber(ARGV[i + 1])
-  if n ~= 0 then
-    redis.call('HINCRBY', day_key, ARGV[i], int(n))
-    redis.call('HINCRBY', month_key, ARGV[i], int(n))
+  local day_key, month_key = usage .. 'day:' .. date, usage .. 'month:' .. month
+  if delta ~= 0 then redis.call('HINCRBY', day_key, ARGV[11], int(delta)) end
+  if delta_micro ~= 0 then
+    redis.call('HINCRBY', day_key, ARGV[12], int(delta_micro))
+    redis.call('HINCRBY', month_key, ARGV[12], int(delta_micro))
   end
+  for i = pairs_from, #ARGV - 1, 2 do
+    local n = tonumber(ARGV[i + 1])
+    if n ~= 0 then
+      redis.call('HINCRBY', day_key, ARGV[i], int(n))
+      redis.call('HINCRBY', month_key, ARGV[i], int(n))
+    end
+  end
+  redis.call('EXPIRE', day_key, ARGV[9])
+  redis.call('EXPIRE', month_key, ARGV[10])
+  out[#out + 1] = tonumber(redis.call('HGET', day_key, ARGV[11])) or 0
+  out[#out + 1] = tonumber(redis.call('HGET', day_key, ARGV[12])) or 0
+  out[#out + 1] = tonumber(redis.call('HGET', month_key, ARGV[12])) or 0
 end
-redis.call('EXPIRE', day_key, ARGV[10])
-redis.call('EXPIRE', month_key, ARGV[11])
-redis.call('SET', KEYS[3], 'x', 'PX', int(marker_ttl))
-
-return {1, tonumber(redis.call('HGET', day_key, ARGV[12])) or 0,
-        tonumber(redis.call('HGET', month_key, ARGV[13])) or 0}
+redis.call('SET', KEYS[1], 'x', 'PX', int(marker_ttl))
+return out

@@ -49,6 +49,8 @@ def populate(m: Metrics) -> None:
     m.observe_request(record(None, status=401, cache="none", duration=0.001, upstream=0))
     m.observe_request(record("research", status=502, duration=1.0, upstream=0.99))
     m.quota_remaining("design", "usd_per_month", 42.0)
+    for quota, left in (("usd_per_month", 9000.0), ("usd_per_day", 400.0), ("tokens_per_day", 4_000_000)):
+        m.account_quota_remaining(quota, left)
 
 
 def traffic_per_scrape(m: Metrics, tick: int) -> None:

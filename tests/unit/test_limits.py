@@ -120,7 +120,7 @@ class LossyStore:
 async def assert_nothing_held(store, lim: Limiter, t: Team) -> None:
     """No lease, no tokens, no dollars still reserved: a new admission sees the team untouched."""
     plan = lim._plan(t)
-    assert await store.client.zcard(plan.leases_key) == 0
+    assert await store.client.zcard(plan.leases_keys[0]) == 0
     assert await store.client.exists(plan.tpm_key) == 0
     day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25), month="2026-11"))
     assert day["day"]["quota_tokens"] == 0 and day["month"]["quota_micro"] == 0
@@ -363,7 +363,7 @@ class TestBehaviour:
         day, month = ledger.day_key(t.name, "2026-11-25"), ledger.month_key(t.name, "2026-11")
         for tokens in (10**17, -1, 2.5, "12abc", "nan", ""):
             with pytest.raises(StoreError):
-                await store.run_script("admit", (*plan.admit_keys, plan.record_key("a1")),
+                await store.run_script("admit", (plan.record_key("a1"), *plan.admit_keys),
                                        (T0 * 1000, tokens, 0, "a1", *plan.admit_args))
         assert await store.client.exists(*limit_keys(t.name), day, month, plan.record_key("a1")) == 0
 
@@ -501,7 +501,7 @@ class BrokenStore:
 
 class Metrics:
     def __init__(self):
-        self.errors, self.rejections, self.remaining = [], [], {}
+        self.errors, self.rejections, self.remaining, self.account = [], [], {}, {}
 
     def store_error(self, op):
         self.errors.append(op)
@@ -511,6 +511,9 @@ class Metrics:
 
     def quota_remaining(self, team_name, quota, value):
         self.remaining[(team_name, quota)] = value
+
+    def account_quota_remaining(self, quota, value):
+        self.account[quota] = value
 
 
 async def test_store_down_fails_open_and_counts():

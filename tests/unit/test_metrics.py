@@ -27,6 +27,10 @@ CONTRACT = {
     "gateway_upstream_errors_total": ("counter", {"kind"}),
     "gateway_store_errors_total": ("counter", {"op"}),
     "gateway_quota_remaining": ("gauge", {"team", "quota"}),
+    "gateway_account_quota_remaining": ("gauge", {"quota"}),
+    "gateway_config_reloads_total": ("counter", {"result"}),
+    "gateway_config_last_reload_success_timestamp_seconds": ("gauge", set()),
+    "gateway_draining": ("gauge", set()),
 }
 
 
@@ -72,6 +76,7 @@ def test_names_types_and_labels_are_exactly_the_contract():
         m.rejection("design", "requests_per_minute")
         m.cache_saved("design", 10)
         m.quota_remaining("design", "tokens_per_day", 100)
+        m.account_quota_remaining("usd_per_day", 10)
         found = families(m)
     shown = {}
     for f in found.values():
