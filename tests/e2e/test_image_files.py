@@ -66,7 +66,8 @@ async def test_a_link_serves_the_image_without_a_key(served):
 
 @pytest.mark.parametrize("rng, start, stop", [("bytes=10-99", 10, 100), ("bytes=-100", len(PNG) - 100, len(PNG)),
                                               ("bytes=1000000-", 1_000_000, len(PNG)),
-                                              ("bytes=5-99999999", 5, len(PNG))])
+                                              ("bytes=5-99999999", 5, len(PNG))],
+                         ids=["closed", "suffix", "open", "past-the-end"])
 async def test_a_range_is_206_with_content_range(served, rng, start, stop):
     _, _, links, http = served
     status, headers, body = await get(http, await links.link(PNG, "image/png"), Range=rng)
