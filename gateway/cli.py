@@ -91,7 +91,7 @@ def cmd_serve(args) -> int:
                 "count limits on its own. Set store.url to redis://... or run one worker."
             )
         return run_supervisor(path, host, port, args.workers)
-    return run_worker(config, host, port, reuse_port=args.reuse_port)
+    return run_worker(config, host, port, reuse_port=args.reuse_port, config_path=path)
 
 
 def _warn_literal_secrets(path: str, config: config_mod.Config) -> None:

@@ -20,6 +20,7 @@ An upstream error's ``kind`` is its label in ``gateway_upstream_errors_total``.
     ├── UpstreamUnavailable     502 upstream_error / upstream_unavailable
     ├── UpstreamBadResponse     502 upstream_error / upstream_bad_response
     ├── StoreUnavailable        503 api_error / store_unavailable
+    ├── ShuttingDown            503 api_error / shutting_down
     └── UpstreamTimeout         504 upstream_error / upstream_timeout
 """
 from __future__ import annotations
@@ -140,6 +141,17 @@ class StoreUnavailable(GatewayError):
     def __init__(self, message: str = "The gateway's store is unavailable; try again shortly.", **kw):
         super().__init__(message, **kw)
         self.headers.update(retry_headers(1.0))
+
+
+class ShuttingDown(GatewayError):
+    """A request that reached a replica after it stopped taking work, or still running when its
+    shutdown timeout ran out; another replica can take it (the connection is closed)."""
+
+    status, type, code = 503, "api_error", "shutting_down"
+
+    def __init__(self, message: str = "This gateway replica is shutting down; retry the request.", **kw):
+        super().__init__(message, **kw)
+        self.headers.update({**retry_headers(1.0), "Connection": "close"})
 
 
 class UpstreamTimeout(GatewayError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -33,7 +34,6 @@ from gateway.http.record import RequestRecord
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 30.0
 RESTART_DELAY_S = 1.0
 
 
@@ -45,7 +45,9 @@ def use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False) -> int:
+def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False,
+               config_path: str | None = None) -> int:
+    """Serve until drained (see ``gateway.lifecycle``); ``config_path`` is what a reload reads."""
     if not reuse_port:
         # A lone process keeps its metrics in memory: a multiprocess directory left in the
         # environment would carry another run's totals into this one. (Before prometheus_client
@@ -54,22 +56,25 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
     from gateway.http.app import create_app
     from gateway.observability.accesslog import configure_logging
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler reloads: never a kill
     configure_logging(config.logging)
     use_uvloop()
-    return asyncio.run(_serve_forever(create_app(config), host, port, reuse_port))
+    return asyncio.run(_serve_forever(create_app(config, config_path=config_path), host, port, reuse_port))
 
 
 async def _serve_forever(app: web.Application, host: str, port: int, reuse_port: bool) -> int:
+    from gateway.lifecycle import FINAL_S, Lifecycle
+
     # handler_cancellation: a client that goes away cancels its handler, and so its upstream call.
-    runner = GatewayRunner(app, shutdown_timeout=SHUTDOWN_GRACE_S)
-    stop = stop_on_signals()
+    # By the time aiohttp's own shutdown runs, the drain has ended every request.
+    runner = GatewayRunner(app, shutdown_timeout=FINAL_S)
     await runner.setup()
+    lifecycle = Lifecycle(app)
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     print(f"gateway listening on http://{host}:{bound}", flush=True)
-    await stop.wait()
-    await runner.cleanup()
+    await lifecycle.run(runner)
     return 0
 
 
@@ -81,10 +86,11 @@ class GatewayRunner(web.AppRunner):
     def __init__(self, app: web.Application, **kwargs) -> None:
         # not at import: run_worker sets up metrics first
         from gateway.http.middleware import observe
-        from gateway.http.state import CONFIG
+        from gateway.http.state import RUNTIME
 
         kwargs = {"handler_cancellation": True, "access_log": None, **kwargs}
-        super().__init__(app, read_timeout_s=app[CONFIG].server.read_timeout_s, observe=partial(observe, app),
+        read_timeout_s = app[RUNTIME].snapshot.config.server.read_timeout_s  # restart-only
+        super().__init__(app, read_timeout_s=read_timeout_s, observe=partial(observe, app),
                          **kwargs)
 
     async def _make_server(self) -> web.Server:
@@ -222,7 +228,9 @@ def free_port(host: str) -> int:
 
 
 def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
-    """Start ``workers`` processes on one port; restart any that dies; stop all on SIGTERM."""
+    """Start ``workers`` processes on one port; restart any that dies. Every signal goes on to every
+    worker: SIGHUP reloads them; SIGTERM drains them (a second one stops them at once), and the
+    supervisor exits once they all have."""
     from gateway.observability.metrics import mark_worker_dead, prepare_multiprocess
 
     port = port or free_port(host)
@@ -232,19 +240,34 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--host", host, "--port", str(port), "--reuse-port"]
 
-    def spawn() -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-
-    procs = [spawn() for _ in range(workers)]
+    procs: list[subprocess.Popen] = []
     stopping = False
 
-    def stop(signum, frame) -> None:
+    def forward(signum, frame) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum != signal.SIGHUP
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    _wait_listening(host, port)
+    def spawn() -> subprocess.Popen:
+        # Ignored SIGHUP is inherited through exec: a reload signal before a worker is ready never
+        # kills it. Their own process group: a terminal's Ctrl-C reaches them once, forwarded,
+        # not twice (a second signal would stop them at once).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, process_group=0)
+        finally:
+            signal.signal(signal.SIGHUP, forward)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    procs.extend(spawn() for _ in range(workers))
+    ready = [_ready(proc) for proc in procs]  # each one's line read, its pipe closed
+    if not all(ready):
+        for proc in procs:
+            proc.kill()
+        sys.exit(f"gateway: workers did not start listening on {host}:{port}")
     print(f"gateway listening on http://{host}:{port} ({workers} workers)", flush=True)
     while not stopping:
         time.sleep(0.2)
@@ -254,26 +277,18 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
                 mark_worker_dead(proc.pid)
                 time.sleep(RESTART_DELAY_S)
                 procs[i] = spawn()
-    for proc in procs:
-        proc.terminate()
-    deadline = time.monotonic() + SHUTDOWN_GRACE_S
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+                _ready(procs[i])
+    for proc in procs:  # each drains within its own shutdown_timeout_s (a second signal: at once)
+        proc.wait()
     if own_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _wait_listening(host: str, port: int, timeout_s: float = 30.0) -> None:
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((target, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"gateway: workers did not start listening on {host}:{port}")
+def _ready(proc: subprocess.Popen, timeout_s: float = 30.0) -> bool:
+    """Wait for a worker's "listening" line: it prints it once it serves, its signal handlers in place."""
+    try:
+        readable, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        return bool(readable) and "listening on" in proc.stdout.readline()
+    finally:
+        proc.stdout.close()

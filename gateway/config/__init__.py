@@ -30,6 +30,9 @@ class ServerConfig:
     metrics_path: str = "/metrics"
     metrics: bool = True  # off only to measure the gateway without them
     read_timeout_s: float = 30  # a client that sends no byte of its headers or body this long is cut off
+    drain_delay_s: float = 5  # after SIGTERM: /readyz says 503 at once, new connections still taken this long
+    shutdown_timeout_s: float = 315  # after SIGTERM: in-flight requests get this long (loader: upstream.timeout_s + 15)
+    watch_config: bool = False  # reload when the config file changes (a Kubernetes ConfigMap update)
 
     @property
     def max_body_bytes(self) -> int:
@@ -84,7 +87,17 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Quota:
     tokens_per_day: int | None = None
+    usd_per_day: float | None = None  # the account's only: a team's schema has no such key
     usd_per_month: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The one shared upstream account, over all teams together (``account:``); only
+    requests_per_minute, tokens_per_minute and max_concurrent of its ``limits`` apply."""
+
+    limits: Limits = Limits()
+    quota: Quota = Quota()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,17 +120,47 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Config:
+    endpoint_url: str | None = None  # an S3-compatible service (MinIO, R2, ...); None = AWS
+    region: str | None = None
+    presign: bool = True  # links are the object store's presigned GET URLs, not the gateway's route
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesConfig:
+    """Generated images: inline base64 as the provider sends them, or stored once and linked."""
+
+    delivery: str = "inline"  # inline | url
+    storage: str = "store"  # store: the gateway's store; or s3://bucket/prefix
+    url_ttl_s: int = 86400  # how long a link works (and the stored image at least lives)
+    public_base_url: str | None = None  # how clients reach the gateway; None: the request's own
+    signing_key: str = field(default="", repr=False)  # HMAC key of the links; required when any delivery is url
+    max_n: int = 4  # the most images one /v1/images/* request may ask for
+    s3: S3Config = S3Config()
+
+
+@dataclass(frozen=True, slots=True)
 class Team:
     name: str
     key_hashes: tuple[str, ...] = ()  # lowercase sha256 hex of each key, without the prefix
     limits: Limits = Limits()
     quota: Quota = Quota()
     cache: CacheConfig = CacheConfig()  # the global cache config with this team's overrides
+    images: ImagesConfig = ImagesConfig()  # the global images config with this team's overrides
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     key_hashes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces over OTLP/HTTP to ``<otlp_endpoint>/v1/traces`` (the ``otel`` extra)."""
+
+    otlp_endpoint: str
+    sample_ratio: float = 1.0  # of the traces this gateway starts; a client's sampled flag is followed
+    service_name: str = "image-gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +180,10 @@ class Config:
     cache: CacheConfig = CacheConfig()
     teams: tuple[Team, ...] = ()
     admin: AdminConfig = AdminConfig()
+    images: ImagesConfig = ImagesConfig()
+    account: Account | None = None  # None: no account-wide limits
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig | None = None  # None: no tracing, nothing of OpenTelemetry imported
     _model_index: Mapping[str, ModelConfig] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

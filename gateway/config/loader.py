@@ -12,10 +12,12 @@ Values are never echoed into problems: they may be secrets.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import re
 import secrets
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -73,6 +75,7 @@ PORT = _rule(lambda v: type(v) is int and 0 <= v <= 65535,
              "must be an integer from 0 to 65535 (0 = any free port)")
 POS_NUM = _rule(lambda v: _is_num(v) and v > 0, "must be a positive number", float)
 PRICE = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
+NON_NEG_NUM = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
 BOOL = _rule(lambda v: type(v) is bool, "must be true or false")
 TEXT = _text(r".*\S.*", "must be a non-empty string")
 ANY_TEXT = _text(r".*", "must be a string")
@@ -126,10 +129,22 @@ _LIMITS = {"requests_per_minute": _nullable(POS_INT), "tokens_per_minute": _null
            "max_image_mb": POS_NUM}
 _CACHE = {"mode": _one_of("off", "deterministic", "always"), "ttl_s": POS_INT,
           "max_entry_mb": POS_NUM, "scope": _one_of("team", "global")}
+_IMAGES_TEAM = {"delivery": _one_of("inline", "url"), "url_ttl_s": POS_INT, "max_n": POS_INT,
+                "public_base_url": _nullable(_text(r"https?://[^/\s]+(/\S*)?", "must be an http:// or "
+                                                   "https:// URL", lambda v: v.rstrip("/")))}
+_IMAGES = {**_IMAGES_TEAM, "signing_key": _rule(lambda v: v is None or isinstance(v, str), "must be a string",
+                                                lambda v: v or ""),  # empty: ${VAR:-} unset
+           "storage": _text(r"store|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?",
+                            "must be store or s3://bucket/prefix"),
+           "s3": _record({"endpoint_url": _nullable(_text(r"https?://\S+", "must be an http:// or https:// URL")),
+                          "region": _nullable(TEXT), "presign": BOOL})}
+MIN_SIGNING_KEY = 32  # characters: an HMAC key must not be guessable
+MAX_PRESIGN_S = 7 * 86400  # SigV4 presigned URLs live at most a week
 _SCHEMA = _record({
     "server": _record({"host": TEXT, "port": PORT, "max_body_mb": POS_NUM,
                        "metrics_path": URL_PATH, "metrics": BOOL,
-                       "read_timeout_s": POS_NUM}),
+                       "read_timeout_s": POS_NUM, "drain_delay_s": NON_NEG_NUM,
+                       "shutdown_timeout_s": POS_NUM, "watch_config": BOOL}),
     "upstream": _record({"base_url": BASE_URL, "api_key": ANY_TEXT, "timeout_s": POS_NUM,
                          "connect_timeout_s": POS_NUM, "max_retries": COUNT}),
     "models": _list_of(_record({
@@ -145,10 +160,21 @@ _SCHEMA = _record({
         "name": NAME, "keys": _list_of(KEY_HASH), "limits": _record(_LIMITS),
         "quota": _record({"tokens_per_day": _nullable(POS_INT),
                           "usd_per_month": _nullable(POS_NUM)}),
-        "cache": _record(_CACHE)}, required=("name",))),
+        "cache": _record(_CACHE), "images": _record(_IMAGES_TEAM)}, required=("name",))),
     "admin": _record({"keys": _list_of(KEY_HASH)}),
+    "account": _record({
+        "limits": _record({k: _nullable(POS_INT) for k in ("requests_per_minute", "tokens_per_minute",
+                                                            "max_concurrent")}),
+        "quota": _record({"tokens_per_day": _nullable(POS_INT), "usd_per_day": _nullable(POS_NUM),
+                          "usd_per_month": _nullable(POS_NUM)})}),
+    "images": _record(_IMAGES),
     "logging": _record({"level": _one_of("debug", "info", "warning", "error"),
                         "format": _one_of("json", "text"), "access_log": BOOL}),
+    "tracing": _record({"otlp_endpoint": _text(r"https?://[^/\s]+(/\S*)?", "must be an http:// or https:// "
+                                               "URL (the collector's base; traces go to <it>/v1/traces)"),
+                        "sample_ratio": _rule(lambda v: _is_num(v) and 0 <= v <= 1, "must be a number from 0 to 1",
+                                              float),
+                        "service_name": TEXT}, required=("otlp_endpoint",)),
 })
 _SIMPLE = {"server": c.ServerConfig, "upstream": c.UpstreamConfig, "store": c.StoreConfig,
            "cache": c.CacheConfig, "limits_defaults": c.Limits, "logging": c.LoggingConfig}
@@ -186,6 +212,8 @@ def _check(data: Any, problems: list[str]) -> c.Config:
              for owner, keys in [(f"teams[{i}]", t.get("keys")) for i, t in teams]
              + [("admin", tree.get("admin", {}).get("keys"))]
              for j, h in _present(keys)], "key hash", problems)
+    _check_images(tree.get("images", {}), [(f"teams[{i}].images", t.get("images", {})) for i, t in teams],
+                  problems)
     if problems:
         raise c.ConfigError(problems)
 
@@ -196,15 +224,47 @@ def _check(data: Any, problems: list[str]) -> c.Config:
                                 "prices": c.Prices(**m.get("prices_usd_per_million", {}))})
 
     limits, cache = tree.get("limits_defaults", {}), tree.get("cache", {})
+    images = c.ImagesConfig(**{**tree.get("images", {}), "s3": c.S3Config(**tree.get("images", {}).get("s3", {}))})
+    upstream_timeout_s = tree.get("upstream", {}).get("timeout_s", c.UpstreamConfig().timeout_s)
+    tree["server"] = {"shutdown_timeout_s": upstream_timeout_s + 15, **tree.get("server", {})}
     return c.Config(
         **{name: cls(**tree.get(name, {})) for name, cls in _SIMPLE.items()},
         models=tuple(model(m) for m in models) if models is not None else (DEFAULT_MODEL,),
         teams=tuple(c.Team(name=t["name"], key_hashes=tuple(t.get("keys") or ()),
                            limits=c.Limits(**{**limits, **t.get("limits", {})}),
                            quota=c.Quota(**t.get("quota", {})),
-                           cache=c.CacheConfig(**{**cache, **t.get("cache", {})}))
+                           cache=c.CacheConfig(**{**cache, **t.get("cache", {})}),
+                           images=replace(images, **t.get("images", {})))
                     for _, t in teams),
-        admin=c.AdminConfig(key_hashes=tuple(tree.get("admin", {}).get("keys") or ())))
+        images=images,
+        admin=c.AdminConfig(key_hashes=tuple(tree.get("admin", {}).get("keys") or ())),
+        tracing=c.TracingConfig(**tree["tracing"]) if "tracing" in tree else None,
+        account=_account(tree["account"]) if "account" in tree else None)
+
+
+def _check_images(images: dict, teams: list[tuple[str, dict]], problems: list[str]) -> None:
+    """Links need a signing key when anything delivers them; presigned S3 links live a week at
+    most; S3 storage needs the ``s3`` extra."""
+    urls = [path for path, i in [("images", images), *teams] if i.get("delivery") == "url"]
+    key = images.get("signing_key", "")
+    if urls and not key and not any(p.startswith("images.signing_key:") for p in problems):  # not twice
+        problems.append(f"images.signing_key: is required when {urls[0]}.delivery is url "
+                        f"(write ${{IMAGE_URL_SIGNING_KEY}}; make one with `openssl rand -hex 32`)")
+    elif key and len(key) < MIN_SIGNING_KEY:
+        problems.append(f"images.signing_key: must be at least {MIN_SIGNING_KEY} characters")
+    if not images.get("storage", "store").startswith("s3://"):
+        return
+    if importlib.util.find_spec("aiobotocore") is None:
+        problems.append("images.storage: s3:// needs the s3 extra: pip install 'image-gateway[s3]'")
+    if images.get("s3", {}).get("presign", True):
+        problems.extend(f"{path}.url_ttl_s: must be at most {MAX_PRESIGN_S} (a week) with presigned S3 links"
+                        for path, i in [("images", images), *teams] if i.get("url_ttl_s", 0) > MAX_PRESIGN_S)
+
+
+def _account(a: dict) -> c.Account | None:
+    """``account:`` as configured; None when it sets no limit at all (nothing to check)."""
+    account = c.Account(limits=c.Limits(**a.get("limits", {})), quota=c.Quota(**a.get("quota", {})))
+    return None if account == c.Account() else account
 
 
 # ---- text -> data --------------------------------------------------------------------------
@@ -307,7 +367,7 @@ def check_config(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
 
 
 # Keys whose value is a secret -> the variable the example config takes it from.
-_SECRETS = {"upstream.api_key": "UPSTREAM_API_KEY"}
+_SECRETS = {"upstream.api_key": "UPSTREAM_API_KEY", "images.signing_key": "IMAGE_URL_SIGNING_KEY"}
 
 
 def literal_secrets(path: str | os.PathLike) -> list[str]:

@@ -9,6 +9,8 @@ from gateway.config import Config, Team
 from gateway.errors import AuthenticationFailed, Forbidden
 from gateway.keytool import hash_key
 
+FINGERPRINT_HEX = 8  # enough to tell a team's keys apart; far too few to find the key
+
 
 def bearer_token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
@@ -33,15 +35,21 @@ class Authenticator:
         self._admin = frozenset(config.admin.key_hashes)
 
     def team(self, request: web.Request) -> Team:
+        return self.identify(request)[0]
+
+    def identify(self, request: web.Request) -> tuple[Team, str]:
+        """The key's team and the key's fingerprint: the first 8 hex of its sha256, as the config
+        holds it (``sha256:<hex>``), so logs can say which key was used without holding it."""
         token = bearer_token(request)
-        team = self._teams.get(_digest(token)) if token else None
+        digest = _digest(token) if token else None
+        team = self._teams.get(digest) if digest else None
         if team is None:
             raise AuthenticationFailed(
                 "Invalid API key. Send your team's key as 'Authorization: Bearer <key>'."
                 if token
                 else "Missing API key. Send your team's key as 'Authorization: Bearer <key>'."
             )
-        return team
+        return team, digest[:FINGERPRINT_HEX]
 
     def admin(self, request: web.Request) -> None:
         token = bearer_token(request)

@@ -1,13 +1,16 @@
 """The app's middleware, one job each, outermost first: ``request_id_middleware`` (the record every
 later step writes into), ``observe_middleware`` (the status a request ends with, its metrics and
-access line), ``error_middleware`` (every failure answered in the provider's shape). ``observe``
-is also called by the server for the requests no handler saw (malformed HTTP)."""
+access line), ``error_middleware`` (every failure answered in the provider's shape),
+``lifecycle_middleware`` (the request against the replica's drain). ``observe``
+is also called by the server for the requests no handler saw (malformed HTTP). When tracing is
+configured, ``trace_middleware`` goes between the first two: absent otherwise, it costs nothing."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
 import uuid
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -17,28 +20,55 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     RequestTooLarge,
+    ShuttingDown,
     error_response,
 )
 from gateway.http.record import Phase, RequestRecord
-from gateway.http.state import CONFIG, METRICS, RECORD
-from gateway.observability.accesslog import write_access_log
+from gateway.http.state import METRICS, RECORD, RUNTIME, SNAPSHOT
+from gateway.observability.accesslog import current_request, write_access_log
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
+    from gateway.observability.tracing import Tracing  # noqa: F401  (TRACING's type, named as a string)
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-UNMETERED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: neither metrics nor access log
+UNMETERED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: neither metrics nor access log (nor trace)
+TRACING = web.AppKey["Tracing"]("tracing")  # set by the app's resources when tracing is configured
 
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """The client's request id when it is a sane one, else a new one; and the request's record."""
+    """The client's request id when it is a sane one, else a new one; the request's record; and
+    the config snapshot it runs under to its end, whatever a reload does meanwhile."""
+    request[SNAPSHOT] = request.app[RUNTIME].snapshot
     incoming = request.headers.get("X-Request-ID", "")
-    request[RECORD] = RequestRecord(
+    request[RECORD] = rec = RequestRecord(
         request_id=incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex,
         method=request.method,
         path=request.path,
     )
-    return await handler(request)
+    token = current_request.set(rec)  # every log line of this request names it
+    try:
+        return await handler(request)
+    finally:
+        current_request.reset(token)
+
+
+@web.middleware
+async def trace_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The request's server span (continuing the client's ``traceparent``), ended with the status
+    ``observe_middleware`` settled on, on every way out; probes and scrapes are not traced."""
+    rec = request[RECORD]
+    if rec.path in UNMETERED_PATHS or rec.path == request[SNAPSHOT].config.server.metrics_path:
+        return await handler(request)
+    resource = request.match_info.route.resource  # None: no route matched (a 404)
+    trace = rec.trace = request.app[TRACING].start(request.headers, rec, resource and resource.canonical)
+    rec.trace_id = trace.trace_id
+    try:
+        return await handler(request)
+    finally:
+        trace.finish(rec)
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -80,7 +110,7 @@ def _client_gone(rec: RequestRecord) -> None:
 
 def observe(app: web.Application, rec: RequestRecord) -> None:
     """A finished request into the metrics and the access log (probes and scrapes excepted)."""
-    config = app[CONFIG]
+    config = app[RUNTIME].snapshot.config
     if rec.path in UNMETERED_PATHS or rec.path == config.server.metrics_path:
         return
     rec.finish()
@@ -128,3 +158,22 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
     err = InvalidRequest(exc.reason or "The request was refused.")
     err.status = exc.status
     return err
+
+
+@web.middleware
+async def lifecycle_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The request against the replica's drain: refused with 503 ``shutting_down`` once the
+    listener has closed (it came on a kept-alive connection); counted while it runs, so the drain
+    waits for it; ended with 503 ``shutting_down`` when the shutdown timeout cancels it before its
+    answer started (``chat`` ends a started answer itself)."""
+    runtime = request.app[RUNTIME]
+    if runtime.closed:
+        raise ShuttingDown()
+    with runtime.running(asyncio.current_task(), request[RECORD]):
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            err = runtime.cut_off()
+            if err is None:
+                raise
+            raise err from None

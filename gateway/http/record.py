@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import enum
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from gateway.usage import Usage
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
+    from gateway.observability.tracing import RequestTrace
+
+_NO_SPAN = nullcontext()
 
 
 class Phase(enum.IntEnum):
@@ -45,6 +52,10 @@ class RequestRecord:
     bytes_out: int = 0
     usage: Usage | None = None
     duration_s: float = 0.0  # set when the response is finished
+    key_fingerprint: str | None = None  # the first 8 hex of the team key's sha256 (as in the config)
+    response_model: str | None = None  # the model the provider says answered
+    trace: RequestTrace | None = None  # set only when tracing is configured
+    trace_id: str | None = None  # the trace's id, for log lines (likewise)
 
     def finish(self) -> None:
         self.duration_s = time.perf_counter() - self.started
@@ -57,6 +68,12 @@ class RequestRecord:
     def first_byte(self) -> None:
         if self.ttfb_s is None:
             self.ttfb_s = time.perf_counter() - self.started
+            if self.trace is not None:
+                self.trace.event("first_byte")
+
+    def span(self, name: str) -> Any:
+        """``with rec.span("cache"):`` a child span of the request's; nothing when tracing is off."""
+        return _NO_SPAN if self.trace is None else self.trace.child(name)
 
     @property
     def overhead_s(self) -> float:

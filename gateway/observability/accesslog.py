@@ -12,13 +12,16 @@ made; the record's fields are copied (``_snapshot``) into a queue, and the queue
 with orjson and written in one write at most ``FLUSH_INTERVAL_S`` later, or once
 ``FLUSH_LINES`` wait. Other log lines are written at once, after whatever is queued, so the
 stream keeps the order of events; so are access lines logged where no event loop runs (the CLI,
-tests). ``logging.shutdown`` (run at exit) and reconfiguring write the queue: a clean exit loses
+tests). Every other line logged while a request is handled names it: ``current_request`` (a
+contextvar the request-id middleware sets) gives the formatters its ``request_id`` and, when
+tracing is on, its ``trace_id``; tasks and threads started for the request inherit it. ``logging.shutdown`` (run at exit) and reconfiguring write the queue: a clean exit loses
 no line. Any other handler on the access logger (a test's capture, propagation to the root)
 gets ordinary records, as before.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import sys
@@ -40,6 +43,9 @@ FLUSH_INTERVAL_S = 0.1  # queued access lines wait at most this long
 FLUSH_LINES = 256  # ... or until this many are queued
 
 _fast: _AccessHandler | None = None  # the access handler configure_logging installed last
+# The request being handled, for the ids on its log lines; set and reset per request.
+current_request: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("gateway_request",
+                                                                                       default=None)
 
 
 def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None) -> None:
@@ -80,18 +86,21 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
 
 
 # What a line is made of, taken when the request is done (the record is the request's to change).
-_snapshot = attrgetter("request_id", "method", "path", "team", "model", "status", "error_code", "finish_reason",
-                       "stream", "cache", "duration_s", "upstream_s", "ttfb_s", "bytes_in", "bytes_out", "usage")
+_snapshot = attrgetter("request_id", "trace_id", "method", "path", "team", "key_fingerprint", "model", "status",
+                       "error_code", "finish_reason", "stream", "cache", "duration_s", "upstream_s", "ttfb_s",
+                       "bytes_in", "bytes_out", "usage")
 
 
 def _fields(values: tuple) -> dict[str, Any]:
-    (request_id, method, path, team, model, status, error_code, finish_reason, stream, cache, duration_s, upstream_s,
-     ttfb_s, bytes_in, bytes_out, u) = values
+    (request_id, trace_id, method, path, team, key_fingerprint, model, status, error_code, finish_reason, stream, cache,
+     duration_s, upstream_s, ttfb_s, bytes_in, bytes_out, u) = values
     return {
         "request_id": request_id[:_MAX_STR],
+        "trace_id": trace_id,  # null unless tracing is on
         "method": method,
         "path": path[:_MAX_STR],
         "team": team,
+        "key_fingerprint": key_fingerprint,  # which of the team's keys: 8 hex of its sha256, never the key
         "model": model,
         "status": status,
         "error_code": error_code,
@@ -269,21 +278,33 @@ class AccessTextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """Any other log record as one JSON object: time, level, logger, message (and exc)."""
+    """Any other log record as one JSON object: time, level, logger, message, the request's ids
+    when one is being handled (and exc)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": _iso(record.created), "level": record.levelname.lower(), "logger": record.name,
                "message": record.getMessage()}
+        rec = current_request.get()
+        if rec is not None:
+            out["request_id"] = rec.request_id[:_MAX_STR]
+            if rec.trace_id is not None:
+                out["trace_id"] = rec.trace_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out).decode()
 
 
 class TextFormatter(logging.Formatter):
-    """Any other log record as ``time level logger message``, time in UTC like the access lines."""
+    """Any other log record as ``time level logger message [request_id=.. trace_id=..]``, time in
+    UTC like the access lines."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_iso(record.created)} {record.levelname.lower()} {record.name} {record.getMessage()}"
+        rec = current_request.get()
+        if rec is not None:
+            line += f" request_id={_text_value(rec.request_id[:_MAX_STR])}"
+            if rec.trace_id is not None:
+                line += f" trace_id={rec.trace_id}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import exposition as _exposition
+from prometheus_client.openmetrics import exposition as openmetrics
 
 # prepare_multiprocess and mark_worker_dead are re-exported: the CLI imports them from here.
 from gateway.observability.multiprocess import MULTIPROC_ENV, mark_worker_dead, prepare_multiprocess  # noqa: F401
@@ -30,6 +31,7 @@ from gateway.http.record import RequestRecord
 from gateway.usage import TOKEN_TYPES
 
 CONTENT_TYPE = getattr(_exposition, "CONTENT_TYPE_PLAIN_0_0_4", _exposition.CONTENT_TYPE_LATEST)
+OPENMETRICS = "application/openmetrics-text"
 NO_TEAM = "none"  # label of requests that never authenticated
 OTHER_MODEL = "other"
 
@@ -38,9 +40,12 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 CACHE_STATES = frozenset(("hit", "miss", "bypass", "none"))
-LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "tokens_per_day", "usd_per_month")
+LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "tokens_per_day", "usd_per_month",
+          "account_requests_per_minute", "account_tokens_per_minute", "account_max_concurrent",
+          "account_tokens_per_day", "account_usd_per_day", "account_usd_per_month")  # account_*: the account refused
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "status_429", "bad_response", "disconnect")
 QUOTAS = ("tokens_per_day", "usd_per_month")
+ACCOUNT_QUOTAS = ("tokens_per_day", "usd_per_day", "usd_per_month")
 
 
 def _noop(*_args: object, **_kwargs: object) -> None:
@@ -82,7 +87,7 @@ class _Spend:
 class _Row:
     """Everything one kind of finished request moves, keyed by (team, model, status, cache, stream)."""
 
-    __slots__ = ("count", "duration", "ttfb", "spend_key", "spend")
+    __slots__ = ("count", "duration", "traced", "ttfb", "spend_key", "spend")
 
 
 class _WithoutCreated:
@@ -105,10 +110,10 @@ class Metrics:
         self.enabled = enabled
         self.multiprocess = enabled and bool(os.environ.get(MULTIPROC_ENV))
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._models = frozenset(model_ids)
         if not enabled:
             for name in ("observe_request", "upstream_done", "upstream_error", "store_error",
-                         "rejection", "cache_saved", "quota_remaining"):
+                         "rejection", "cache_saved", "quota_remaining", "account_quota_remaining", "draining", "config_loaded",
+                         "config_reloaded", "configure"):
                 setattr(self, name, _noop)
             self.inflight = _no_inflight
             return
@@ -154,19 +159,38 @@ class Metrics:
         # The store holds the truth; the latest report from any worker is the best view of it.
         self.quota = Gauge("gateway_quota_remaining", "What a team may still spend of a quota.",
                            ("team", "quota"), multiprocess_mode="mostrecent", registry=own)
+        self.account_quota = Gauge("gateway_account_quota_remaining", "What the account shared by all teams "
+                                   "may still spend of a quota.", ("quota",), multiprocess_mode="mostrecent",
+                                   registry=own)
+        # Lifecycle: a draining replica, and whether its config file took (alert on a stale one).
+        self.draining_gauge = Gauge("gateway_draining", "1 from the first SIGTERM on.", (),
+                                    multiprocess_mode="livemax", registry=own)
+        self.config_reloads = counter("gateway_config_reloads", "Config reloads by result.", ("result",))
+        self.config_reload_time = Gauge("gateway_config_last_reload_success_timestamp_seconds",
+                                        "When the config last loaded (start-up or reload), UNIX time.", (),
+                                        multiprocess_mode="livemin", registry=own)
+        self.draining_gauge.set(0)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
         self._observe_overhead = self._observing(self.overhead)
         self._rows: dict[tuple, _Row] = {}
         self._timing: dict[tuple, tuple[Callable, Callable]] = {}
         self._spend: dict[tuple, _Spend] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._labelled: dict[tuple, Counter | Gauge] = {}  # children of the rarer calls
-        # Series born at 0: Prometheus' rate() and increase() cannot see a series' first event.
+        self._upstream: dict[tuple, Callable[[float], None]] = {}
+        self._upstream_errors = {k: adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
+        self.configure(model_ids, teams)
+
+    def configure(self, model_ids: Iterable[str], teams: Iterable[str]) -> None:
+        """The configured models (labels; others fold into ``other``) and teams, at start and on
+        each reload. A new team's series are born at 0: Prometheus' rate() and increase() cannot
+        see a series' first event."""
+        self._models = frozenset(model_ids)
         for team in teams:
             self.cache_saved_tokens.labels(team)
             for limit in LIMITS:
                 self.rejections.labels(team, limit)
-        self._upstream: dict[tuple, Callable[[float], None]] = {}
-        self._upstream_errors = {k: adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -177,7 +201,11 @@ class Metrics:
                rec.stream)
         row = self._rows.get(key) or self._new_row(key)
         row.count(1)
-        row.duration(rec.duration_s)
+        trace = rec.trace
+        if trace is not None and trace.sampled:  # an exemplar: the bucket links to the trace
+            row.traced(rec.duration_s, {"trace_id": trace.trace_id})
+        else:
+            row.duration(rec.duration_s)
         if rec.ttfb_s is not None:
             row.ttfb(rec.ttfb_s)
         self._observe_overhead(rec.overhead_s)
@@ -236,12 +264,34 @@ class Metrics:
             raise ValueError(f"unknown quota {quota!r}")
         self._child(self.quota, team, quota).set(value)
 
+    def account_quota_remaining(self, quota: str, value: float) -> None:
+        if quota not in ACCOUNT_QUOTAS:
+            raise ValueError(f"unknown account quota {quota!r}")
+        self._child(self.account_quota, quota).set(value)
+
+    def draining(self) -> None:
+        self.draining_gauge.set(1)
+
+    def config_loaded(self, at: float) -> None:
+        """The config in use was read at ``at`` (UNIX time): at start-up, and by each reload that took."""
+        self.config_reload_time.set(at)
+
+    def config_reloaded(self, ok: bool, at: float) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        if ok:
+            self.config_loaded(at)
+
     # -- the /metrics route ---------------------------------------------------------------------
 
-    def exposition(self) -> tuple[bytes, str]:
-        """(body, content type) in the Prometheus text format; empty when disabled."""
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type) in the Prometheus text format, or OpenMetrics when the scrape's
+        ``Accept`` asks for it: only that format carries the request-duration histogram's trace
+        id exemplars (kept in one process only: prometheus_client's multiprocess mode drops
+        exemplars). Empty when disabled."""
         if not self.enabled:
             return b"", CONTENT_TYPE
+        if OPENMETRICS in accept:
+            return openmetrics.generate_latest(self._source), openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self._source), CONTENT_TYPE
 
     # -- children, created once per label set ---------------------------------------------------
@@ -258,6 +308,7 @@ class Metrics:
                 self._observing(self.request_duration.labels(team, model, flag)),
                 self._observing(self.ttfb.labels(team, model)))
         row.duration, row.ttfb = timing
+        row.traced = self.request_duration.labels(team, model, flag).observe  # takes an exemplar
         row.spend_key, row.spend = (team, model), self._spend.get((team, model))
         self._rows[key] = row
         return row

@@ -106,7 +106,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIMULATOR]
     raw = await request.read()
     body = await asyncio.to_thread(_loads, raw) if len(raw) > _OFFLOAD_JSON_BYTES else _loads(raw)
-    record = CallRecord(*parse.peek(body))
+    record = CallRecord(*parse.peek(body), traceparent=request.headers.get("traceparent"))
     with sim.stats.track(record):
         try:
             return await _answer(request, sim, body, record)

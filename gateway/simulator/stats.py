@@ -30,6 +30,7 @@ class CallRecord:
     user: str  # the body's ``user``, or "-": the group inflight counts are kept by
     n_images: int
     fault: str = ""
+    traceparent: str | None = None  # the W3C trace context the caller sent, if any
     status: int | None = None  # None when no HTTP response was sent
     outcome: str = "unfinished"
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 from multidict import CIMultiDict
@@ -31,6 +31,9 @@ from multidict import CIMultiDict
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.secrets import KeyGuard
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
+    from gateway.observability.tracing import RequestTrace, UpstreamSpan
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +62,18 @@ class UpstreamResponse:
     """An open provider answer. Reads raise only ``GatewayError``s; ``waited_s`` adds up the
     time spent waiting on the provider (opening included), to keep it out of the overhead;
     ``counted`` is True when the seam already counted this answer as an upstream error (a 429
-    or 5xx), so that a failure found in its body is not counted a second time."""
+    or 5xx), so that a failure found in its body is not counted a second time. Its trace span
+    (when tracing is on) ends when it is released."""
 
-    __slots__ = ("_resp", "status", "headers", "content_type", "waited_s", "counted")
+    __slots__ = ("_resp", "status", "headers", "content_type", "waited_s", "counted", "_span")
 
-    def __init__(self, resp: aiohttp.ClientResponse, waited_s: float, counted: bool) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, waited_s: float, counted: bool,
+                 span: UpstreamSpan | None = None) -> None:
         self._resp = resp
         self.status, self.headers, self.content_type = resp.status, resp.headers, resp.content_type
         self.waited_s = waited_s
         self.counted = counted
+        self._span = span
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -88,6 +94,9 @@ class UpstreamResponse:
 
     def release(self) -> None:
         self._resp.release()
+        if self._span is not None:
+            self._span.end()
+            self._span = None
 
     async def _wait(self, read) -> bytes:
         started = time.perf_counter()
@@ -149,13 +158,29 @@ class Upstream:
         )
 
     async def open(self, body: bytes, *, request_id: str, model: str, deadline: float | None = None,
-                   on_sent: Callable[[], None] | None = None) -> UpstreamResponse:
+                   on_sent: Callable[[], None] | None = None, trace: RequestTrace | None = None) -> UpstreamResponse:
         """POST ``body``; retry what cannot have started; return the first final response.
 
         ``deadline`` (``loop.time()``; default ``timeout_s`` from now) bounds the attempts, the
         waits between them and the reading of the answer. ``on_sent`` is called each time the
-        request is about to reach the provider (a connection is ready)."""
+        request is about to reach the provider (a connection is ready). With ``trace``, the call
+        is a CLIENT span whose ``traceparent`` the provider gets, with an event per retry."""
         assert self._session is not None, "Upstream.start() was not awaited"
+        headers = self._headers(request_id)
+        if trace is None:
+            return await self._open(body, headers, model, deadline, on_sent, None)
+        span = trace.upstream(model)
+        span.inject(headers)
+        try:
+            resp = await self._open(body, headers, model, deadline, on_sent, span)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.answered(resp.status)
+        return resp
+
+    async def _open(self, body: bytes, headers: CIMultiDict, model: str, deadline: float | None,
+                    on_sent: Callable[[], None] | None, span: UpstreamSpan | None) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.cfg.timeout_s
@@ -169,7 +194,7 @@ class Upstream:
             timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, self.cfg.connect_timeout_s))
             started = time.perf_counter()
             try:
-                resp = await self._session.post(self.url, data=body, headers=self._headers(request_id),
+                resp = await self._session.post(self.url, data=body, headers=headers,
                                                 timeout=timeout, trace_request_ctx=on_sent)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 waited += time.perf_counter() - started
@@ -179,6 +204,8 @@ class Upstream:
                 delay = self._backoff(attempt)
                 if last or not retry or loop.time() + delay >= deadline:
                     raise err from None
+                if span is not None:
+                    span.retry(attempt + 1, "connect")
                 await self._sleep(delay)
                 continue
             waited += time.perf_counter() - started
@@ -190,8 +217,10 @@ class Upstream:
             retryable = resp.status == 429 or (resp.status == 503 and delay is not None)
             delay = self._backoff(attempt) if delay is None else delay
             if last or not retryable or loop.time() + delay >= deadline:
-                return UpstreamResponse(resp, waited, counted)
+                return UpstreamResponse(resp, waited, counted, span)
             resp.release()
+            if span is not None:
+                span.retry(attempt + 1, str(resp.status))
             log.info("upstream answered %s; retrying (attempt %d of %d)", resp.status, attempt + 2, attempts)
             await self._sleep(delay)
         raise AssertionError("unreachable")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import collections
 import statistics
+import timeit
 from typing import Callable
+
+from gateway.http.record import RequestRecord
 
 from .contestants import UNLIMITED, Bench, Contestant
 from .loadgen import client, probe, wrk
@@ -257,6 +260,37 @@ def metrics_logging_redis(b: Bench) -> list[Row]:
     return metrics_logging(b, "redis")
 
 
+def tracing(b: Bench) -> list[Row]:
+    """Tracing off (no ``tracing`` key: nothing of OpenTelemetry loaded) vs on, every request
+    sampled and exported (to the bench upstream, which answers any POST with 200; a loose bound:
+    Python's OpenTelemetry SDK is not cheap). Off is what matters: its hooks, timed in this
+    process, as a share of the off gateway's CPU per request. Target: under 0.5 %."""
+    sc = "tracing on vs off"
+    off = b.gateway("tracing off")
+    on = b.gateway("tracing on", tracing={"otlp_endpoint": b.upstream.url, "sample_ratio": 1.0})
+    rows = _paired_throughput(b, sc, off, on, 0.5)
+    off_cpu_us = next(r for r in rows if r.contestant == off.name and r.metric.startswith("CPU")).values
+    share = [_tracing_hooks_off_ns() / (cpu_us * 1000) * 100 for cpu_us in off_cpu_us]
+    rows.append(Row(sc, off.name, "hooks % of CPU/req", share, target=("median", "<=", 0.5)))
+    return rows
+
+
+def _tracing_hooks_off_ns(n: int = 200_000) -> float:
+    """ns per request in tracing's hooks when it is off, at most: the request path's ``with
+    rec.span(...)`` blocks (admission, cache, relay) and its ``trace is None`` checks (first
+    byte, the upstream call, the metrics), the call around them included."""
+    rec = RequestRecord("bench", "POST", "/v1/chat/completions")
+
+    def hooks() -> None:
+        for name in ("admission", "cache", "relay"):
+            with rec.span(name):
+                pass
+        rec.first_byte()
+        assert rec.trace is None and rec.trace is None
+
+    return timeit.timeit(hooks, number=n) / n * 1e9
+
+
 # ---- cache hit from Redis vs relay from a zero-latency upstream ------------------------------
 
 
@@ -342,6 +376,7 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "limits": limits,
     "metrics": metrics_logging,
     "metrics-redis": metrics_logging_redis,
+    "tracing": tracing,
     "big-response": big_responses,
     "big-request": big_request,
     "cache": cache_hit,

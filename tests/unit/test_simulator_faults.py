@@ -238,8 +238,8 @@ async def test_the_stats_record_every_request_including_failed_ones(simulator):
     stats = await simulator.stats()
     assert stats["calls"] == 2 and stats["completed"] == 1
     assert stats["requests"] == [
-        {"model": MODEL, "stream": True, "user": "u1", "n_images": 0, "fault": "", "status": 200, "outcome": "completed"},
-        {"model": MODEL, "stream": False, "user": "-", "n_images": 1, "fault": "", "status": 400, "outcome": "error"},
+        {"model": MODEL, "stream": True, "user": "u1", "n_images": 0, "fault": "", "traceparent": None, "status": 200, "outcome": "completed"},
+        {"model": MODEL, "stream": False, "user": "-", "n_images": 1, "fault": "", "traceparent": None, "status": 400, "outcome": "error"},
     ]
 
 
