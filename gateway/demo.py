@@ -30,6 +30,19 @@ Python (pip install openai):
   url = r.choices[0].message.model_extra["images"][0]["image_url"]["url"]
   open("image.jpg", "wb").write(base64.b64decode(url.split(",", 1)[1]))
 
+Images API (OpenAI's images.generate / images.edit, served by the same model):
+  r = client.images.generate(prompt="a lighthouse at dawn", size="1536x1024", n=2, response_format="b64_json")
+  open("lighthouse.jpg", "wb").write(base64.b64decode(r.data[0].b64_json))
+  r = client.images.edit(image=open("lighthouse.jpg", "rb"), prompt="the same lighthouse at night")
+
+Image links instead of base64 (a few hundred bytes; the link works without a key until it expires):
+  curl -s http://127.0.0.1:{port}/v1/images/generations \
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \
+    -d '{{"prompt": "a lighthouse at dawn", "size": "1024x1024", "response_format": "url"}}'
+  curl -s http://127.0.0.1:{port}/v1/chat/completions -H "X-Image-Delivery: url" \
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \
+    -d '{{"model": "google/gemini-3-pro-image-preview", "messages": [{{"role": "user", "content": "a fox"}}]}}'
+
 Usage so far:  curl -s -H "Authorization: Bearer {key}" http://127.0.0.1:{port}/v1/usage
 Metrics:       curl -s http://127.0.0.1:{port}/metrics
 Ctrl-C stops both.
@@ -42,6 +55,7 @@ def demo_config(port: int, sim_url: str, sim_key: str, team_key: str) -> Config:
             "server": {"host": "127.0.0.1", "port": port},
             "upstream": {"base_url": sim_url, "api_key": sim_key, "max_retries": 1},
             "store": {"url": "memory://"},
+            "images": {"signing_key": secrets.token_urlsafe(32)},  # links for this run only
             "teams": [
                 {
                     "name": "demo",

@@ -37,7 +37,7 @@ import orjson
 from gateway.cache.entry import CacheEntry, EntryFormatError
 # SSECollector, entry_from_answer and hit_body are re-exported: the handler needs one import.
 from gateway.cache.entry import SSECollector, entry_from_answer  # noqa: F401
-from gateway.cache.read import HitReadError, StoredEntry, hit_body, open_entry  # noqa: F401
+from gateway.cache.read import HitReadError, StoredEntry, hit_body, hit_links, open_entry  # noqa: F401
 from gateway.config import Team
 from gateway.cache.singleflight import Flight, SingleFlight
 from gateway.store import Store, StoreError
@@ -90,6 +90,16 @@ def decide(team: Team, request: ChatRequest, cache_control: str | None) -> Cache
         return BYPASS
     return CacheDecision(key, lookup="no-cache" not in names, store=True, label="miss",
                          ttl_s=team.cache.ttl_s, max_entry_bytes=team.cache.max_entry_bytes)
+
+
+def nth(decision: CacheDecision, i: int) -> CacheDecision:
+    """The decision for answer ``i`` of several to one request (the Images API's ``n``): answer 0
+    has the request's own key, each other one a key of its own, so ``n`` images are ``n``
+    entries (and ``n`` flights), never one image repeated."""
+    if decision.key is None or i == 0:
+        return decision
+    digest = hashlib.sha256(f"{decision.key}#{i}".encode()).hexdigest()
+    return replace(decision, key=f"gw:cache:{{{digest}}}")
 
 
 def cache_key(team: Team, request: ChatRequest) -> str:

@@ -266,13 +266,18 @@ def _add(plan: Plan, literal: bytes) -> None:
         plan.append(literal)
 
 
-def _add_doc(plan: Plan, lead: bytes, doc: dict, images: Sequence[CachedImage | StoredImage]) -> None:
-    """``lead`` and ``doc`` dumped, each URL slot becoming ``"data:<mime>;base64,`` + a slot."""
+def _add_doc(plan: Plan, lead: bytes, doc: dict, images: Sequence[CachedImage | StoredImage],
+             urls: Sequence[str | None] = ()) -> None:
+    """``lead`` and ``doc`` dumped, each URL slot becoming ``"data:<mime>;base64,`` + a slot, or
+    the image's link where ``urls`` has one."""
     pieces = orjson.dumps(doc).split(_URL_SLOT_JSON)
     if len(pieces) != len(images) + 1:
         raise AssertionError("image URL slot count mismatch")
     _add(plan, lead + pieces[0])
     for i, (image, after) in enumerate(zip(images, pieces[1:])):
+        if i < len(urls) and urls[i] is not None:
+            _add(plan, orjson.dumps(urls[i]) + after)
+            continue
         _add(plan, b'"data:' + image.mime.encode() + b";base64,")
         plan.append(i)
         _add(plan, b'"' + after)
@@ -282,8 +287,9 @@ def _image_parts(images: Sequence[CachedImage | StoredImage]) -> list[dict]:
     return [{"type": "image_url", "index": i, "image_url": {"url": _URL_SLOT}} for i in range(len(images))]
 
 
-def json_plan(entry: CacheEntry, request_id: str) -> tuple[int, Plan]:
-    """The provider's ``chat.completion`` body for a hit: (its length, its plan)."""
+def json_plan(entry: CacheEntry, request_id: str, urls: Sequence[str | None] = ()) -> tuple[int, Plan]:
+    """The provider's ``chat.completion`` body for a hit: (its length, its plan); ``urls``: links
+    that stand for the images."""
     message = {
         "role": "assistant", "content": entry.content, "refusal": None, "annotations": None,
         "images": _image_parts(entry.images), "reasoning_content": entry.reasoning_content,
@@ -297,12 +303,12 @@ def json_plan(entry: CacheEntry, request_id: str) -> tuple[int, Plan]:
         "usage": entry.usage, "system_fingerprint": None, "service_tier": None, "logprobs": None,
     }
     plan: Plan = []
-    _add_doc(plan, b"", doc, entry.images)
+    _add_doc(plan, b"", doc, entry.images, urls)
     size = sum(entry.images[item].b64_len if type(item) is int else len(item) for item in plan)
     return size, plan
 
 
-def sse_plan(entry: CacheEntry, include_usage: bool, request_id: str) -> Plan:
+def sse_plan(entry: CacheEntry, include_usage: bool, request_id: str, urls: Sequence[str | None] = ()) -> Plan:
     """The provider's stream for a hit: content, one images event, stop (+usage), [DONE]."""
     base = {"id": f"chatcmpl_{request_id}", "object": "chat.completion.chunk",
             "created": entry.created, "model": entry.model}
@@ -317,7 +323,7 @@ def sse_plan(entry: CacheEntry, include_usage: bool, request_id: str) -> Plan:
         first["reasoning_content"] = entry.reasoning_content
     plan: Plan = [b"data: " + orjson.dumps(chunk(first)) + b"\n\n"]
     if entry.images:
-        _add_doc(plan, b"data: ", chunk({"images": _image_parts(entry.images)}), entry.images)
+        _add_doc(plan, b"data: ", chunk({"images": _image_parts(entry.images)}), entry.images, urls)
         _add(plan, b"\n\n")
     usage = {"usage": entry.usage} if entry.usage is not None else {}
     _add(plan, b"data: " + orjson.dumps(chunk({}, "stop", **({} if include_usage else usage))) + b"\n\n")

@@ -16,13 +16,19 @@ the pieces means the entry could not be read to its end.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterator
+import logging
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import pybase64
 
 from gateway.cache.entry import SLICE_BYTES, CacheEntry, EntryFormatError, Plan, fill, json_plan, sse_plan
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from gateway.images.deliver import Links
+
+log = logging.getLogger(__name__)
 
 READ_BYTES = SLICE_BYTES  # raw bytes per read of an entry (a multiple of 3: whole base64 groups)
 FIRST_READ_BYTES = 64 * 1024  # through the script (with length and TTL): small, as Lua hashes it
@@ -173,16 +179,17 @@ async def open_entry(store: Store, key: str) -> CacheEntry | StoredEntry | None:
 
 
 def hit_body(entry: CacheEntry | StoredEntry, *, stream: bool, include_usage: bool = False,
-             request_id: str) -> tuple[int | None, AsyncIterator[bytes]]:
+             request_id: str, urls: Sequence[str | None] = ()) -> tuple[int | None, AsyncIterator[bytes]]:
     """A hit's answer: (Content-Length, or None for the SSE stream; its pieces, to write in order).
+    ``urls`` (from ``hit_links``): links that stand for the images, None where one stays inline.
 
     The pieces of a StoredEntry raise HitReadError when the entry cannot be read to its end.
     """
     head = entry.entry if isinstance(entry, StoredEntry) else entry
     if stream:
-        size, plan = None, sse_plan(head, include_usage, request_id)
+        size, plan = None, sse_plan(head, include_usage, request_id, urls)
     else:
-        size, plan = json_plan(head, request_id)
+        size, plan = json_plan(head, request_id, urls)
     if isinstance(entry, StoredEntry):
         return size, entry.fill(plan)
     return size, _pieces(fill(plan, entry.images))
@@ -191,3 +198,20 @@ def hit_body(entry: CacheEntry | StoredEntry, *, stream: bool, include_usage: bo
 async def _pieces(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
     for piece in pieces:
         yield piece
+
+
+async def hit_links(entry: CacheEntry | StoredEntry, links: "Links") -> tuple[CacheEntry, tuple[str | None, ...]]:
+    """A hit answering with links: the entry in memory and a fresh link to each of its images.
+    Images are stored by their content, so a hit stores nothing new (it lengthens the stored
+    image's life). An image stays inline (None) when the image storage fails or cannot hold its
+    type: the answer still goes out. HitReadError when the entry cannot be read."""
+    if isinstance(entry, StoredEntry):
+        entry = await entry.load()
+    urls: list[str | None] = []
+    for image in entry.images:
+        try:
+            urls.append(await links.link(image.data, image.mime))
+        except (StoreError, ValueError) as e:  # ValueError: a type links do not serve
+            log.warning("cached image kept inline: %s", e)
+            urls.append(None)
+    return entry, tuple(urls)

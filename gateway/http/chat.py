@@ -19,14 +19,18 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway import answer as answer_mod
 from gateway import cache as cache_mod
+from gateway.answer import Answer
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, read_json, relay_sse, write_counted
 from gateway.upstream.secrets import allowed_headers
 from gateway.upstream.sse import EventScanner
+from gateway.http.files import image_links
 from gateway.http.record import Phase, RequestRecord
-from gateway.http.state import AUTH, CACHE, CONFIG, LIMITER, METRICS, RECORD, UPSTREAM
+from gateway.images.deliver import Links, rewrite_body
+from gateway.http.state import CACHE, LIMITER, METRICS, RECORD, RUNTIME, SNAPSHOT, UPSTREAM
 from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest, validate_async
 
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
 UPSTREAM_FAILURES = (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable)
+LINKED_EVENT_BYTES = 1 << 62  # with links a stream's events are kept whole, however big
 
 
 @dataclass(slots=True)
@@ -46,13 +51,17 @@ class Served:
     cached: bool = False
     scanner: EventScanner | None = None
     response: web.StreamResponse | None = None  # set once its status line went out
+    links: Links | None = None  # the answer's images go out as links (images.delivery: url)
+    collect: bool = False  # keep the provider's answer in ``answer`` instead of sending it (Images API)
+    answer: Answer | None = None  # collect: the 200 answer, the provider's or a cache hit's
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    app, rec = request.app, request[RECORD]
-    config = app[CONFIG]
-    team = app[AUTH].team(request)
+    app, rec, snapshot = request.app, request[RECORD], request[SNAPSHOT]
+    config = snapshot.config  # the config this request runs under to its end, whatever a reload does
+    team, rec.key_fingerprint = snapshot.auth.identify(request)
     rec.team = team.name
+    links = image_links(request, team.images)  # a bad X-Image-Delivery is refused before anything else
     raw = await read_body(request, config.server.max_body_bytes)
     rec.bytes_in = len(raw)
     chat = await validate_async(raw, config, team.limits)
@@ -60,14 +69,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     decision = cache_mod.decide(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
     rec.cache = decision.label
     deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s  # the request's one deadline
-    admission = await app[LIMITER].admit(team, chat, deadline=deadline)
+    with rec.span("admission"):
+        admission = await app[LIMITER].admit(team, chat, deadline=deadline)
     rec.reach(Phase.ADMITTED)
-    served = Served(deadline=deadline)
+    return await run(request, chat, decision, admission, Served(deadline=deadline, links=links))
+
+
+async def run(request: web.Request, chat: ChatRequest, decision, admission, served: Served) -> web.StreamResponse | None:
+    """One admitted chat call, from the cache or the provider, settled exactly once whatever happens.
+    With ``served.collect`` (the Images API) a 200 answer is left in ``served.answer`` and None is
+    returned; the provider's error answer is returned as the client would get it."""
+    app, rec = request.app, request[RECORD]
     try:
-        with app[METRICS].inflight(team.name):
+        with app[METRICS].inflight(rec.team):
             return await _serve(request, chat, decision, admission.headers, served)
     except ConnectionResetError:  # the client is gone: nothing more can be written
         raise
+    except asyncio.CancelledError:  # the client went away, or the shutdown timeout ended the request
+        err = app[RUNTIME].cut_off()
+        if err is None:
+            raise
+        if served.response is None:
+            raise err from None
+        return await _end_broken(served.response, err, rec)
     except Exception as err:
         if served.response is None:  # nothing written yet: the middleware renders the error
             if isinstance(err, GatewayError):
@@ -75,9 +99,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             raise
         return await _end_broken(served.response, err, rec)
     finally:
-        usage = _final_usage(chat, served, rec.phase)
-        rec.usage = Usage(images_in=usage.images_in, images_out=usage.images_out) if served.cached else usage
+        usage = served.usage = _final_usage(chat, served, rec.phase)
+        rec.usage = charged(served)
         await asyncio.shield(admission.settle(usage, cached=served.cached))
+
+
+def charged(served: Served) -> Usage:
+    """A settled call's usage as charged: a cache hit's tokens were paid for before, only its images count."""
+    usage = served.usage or Usage()
+    return Usage(images_in=usage.images_in, images_out=usage.images_out) if served.cached else usage
 
 
 async def _serve(request, chat: ChatRequest, decision, headers: dict, served: Served) -> web.StreamResponse:
@@ -87,7 +117,8 @@ async def _serve(request, chat: ChatRequest, decision, headers: dict, served: Se
         if decision.store and entry is not None:
             await cache.put(decision, entry)
         return response
-    hit = await cache.get(decision)
+    with request[RECORD].span("cache"):
+        hit = await cache.get(decision)
     if hit is not None:
         return await _serve_hit(request, chat, hit[0], hit[1], headers, served)
     seconds_left = served.deadline - asyncio.get_running_loop().time()
@@ -104,9 +135,12 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
     resp = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id,
-                                    deadline=served.deadline, on_sent=lambda: rec.reach(Phase.SENT_UPSTREAM))
+                                    deadline=served.deadline, on_sent=lambda: rec.reach(Phase.SENT_UPSTREAM),
+                                    trace=rec.trace)
+    rec.response_model = chat.model.upstream_id  # unless the answer names another (JSON: read below)
     try:
-        return await _relay(request, chat, decision, headers, served, resp)
+        with rec.span("relay"):
+            return await _relay(request, chat, decision, headers, served, resp)
     except UPSTREAM_FAILURES as err:  # the seam counted the attempts; what failed after, here
         if not resp.counted:  # a 5xx with a body that is no JSON error is one failure, not two
             app[METRICS].upstream_error(err.kind)
@@ -125,13 +159,14 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         response.headers.update(headers)
         return response, None
     upstream_headers = allowed_headers(resp.headers, guard.key)
-    if resp.content_type == "text/event-stream":
+    if resp.content_type == "text/event-stream" and not served.collect:
         collector = cache_mod.SSECollector(chat.body["model"]) if decision.store else None
-        scanner = served.scanner = EventScanner(collector.feed if collector else None)
+        whole = {"large": LINKED_EVENT_BYTES} if served.links else {}  # links: events are rewritten whole
+        scanner = served.scanner = EventScanner(collector.feed if collector else None, **whole)
         chunk = await first_chunk(resp)
         response = web.StreamResponse(headers={**upstream_headers, **SSE_HEADERS, **headers})
         await _start(request, response, served)
-        await relay_sse(response, resp, chunk, rec, scanner, guard.stream())
+        await relay_sse(response, resp, chunk, rec, scanner, guard.stream(), links=served.links)
         await _finish(response, rec)
         served.usage = _usage(chat, scanner.usage, scanner.images_out)
         _note_finish(rec, scanner.native_finish_reason, scanner.finish_reason)
@@ -144,14 +179,20 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         collector.done()
         return response, collector.finish()
     body, answer = await read_json(resp, guard)
+    rec.response_model = answer.model or rec.response_model
     served.usage = _usage(chat, answer.usage, answer.images_out)
     _note_finish(rec, answer.native_finish_reason, answer.finish_reason)
-    rec.first_byte()
-    response = web.Response(body=body, content_type="application/json", headers={**upstream_headers, **headers})
     entry = None
     if decision.store:  # decoding the images is CPU work: off the loop when it is big
         big = len(body) > OFFLOAD_PARSE_BYTES
         entry = await asyncio.to_thread(cache_mod.entry_from_answer, answer) if big else cache_mod.entry_from_answer(answer)
+    if served.collect:
+        served.answer = answer
+        return None, entry
+    if served.links is not None:
+        body = await rewrite_body(body, answer, served.links)
+    rec.first_byte()
+    response = web.Response(body=body, content_type="application/json", headers={**upstream_headers, **headers})
     return response, entry
 
 
@@ -162,29 +203,37 @@ def _note_finish(rec: RequestRecord, native: str | None, finish: str | None) -> 
 
 async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: dict, served: Served):
     rec = request[RECORD]
-    rec.cache = "hit"
+    rec.cache, rec.response_model = "hit", entry.model
     saved = Usage.from_provider(entry.usage, prices=chat.model.prices, images_in=len(chat.images), images_out=len(entry.images))
     served.usage, served.cached = saved, True
     request.app[METRICS].cache_saved(rec.team, saved.total)
     headers = {**headers, "x-cache": "HIT", "age": str(int(age_s))}
+    if served.collect:
+        _, pieces = cache_mod.hit_body(entry, stream=False, request_id=rec.request_id)
+        served.answer = answer_mod.loads(b"".join([piece async for piece in pieces]))
+        return None
+    urls = ()
+    if served.links is not None:  # the same stored image (its life lengthened), a fresh link
+        entry, urls = await cache_mod.hit_links(entry, served.links)
     # Written in pieces: the base64 never exists whole, and a big entry is read from the store
     # range by range as it goes out, so neither does the entry. A HitReadError from the pieces
     # (the entry could not be read to its end) ends the answer as any failure after its start.
     length, pieces = cache_mod.hit_body(
         entry, stream=chat.stream, request_id=rec.request_id,
-        include_usage=chat.stream and bool((chat.body.get("stream_options") or {}).get("include_usage")))
+        include_usage=chat.stream and bool((chat.body.get("stream_options") or {}).get("include_usage")), urls=urls)
     if chat.stream:
         response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     else:
         response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         response.content_length = length
-    try:
-        await _start(request, response, served)
-        async for piece in pieces:
-            await write_counted(response, piece, rec)
-    finally:
-        await pieces.aclose()  # a client that left: the read in flight is cancelled
-    await _finish(response, rec)
+    with rec.span("relay"):
+        try:
+            await _start(request, response, served)
+            async for piece in pieces:
+                await write_counted(response, piece, rec)
+        finally:
+            await pieces.aclose()  # a client that left: the read in flight is cancelled
+        await _finish(response, rec)
     return response
 
 
@@ -215,6 +264,8 @@ async def _end_broken(response: web.StreamResponse, err: Exception, rec: Request
         log.error("unhandled error after the answer started (request %s)", rec.request_id, exc_info=err)
         err = GatewayError("The gateway failed to finish this answer.")
     rec.error_code = err.code
+    if rec.trace is not None:
+        rec.trace.event("stream_cut", {"error.type": err.code})
     if response.content_type == "text/event-stream":
         await write_counted(response, b"\n\n" + err.sse_event(), rec)
     else:

@@ -20,6 +20,8 @@ from aiohttp import web
 from gateway import answer
 from gateway.errors import UpstreamBadResponse
 from gateway.http.record import RequestRecord
+from gateway.images import deliver
+from gateway.images.deliver import Links
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.secrets import KeyGuard, StreamGuard, allowed_headers
 from gateway.upstream.sse import EventScanner, event_data
@@ -76,15 +78,20 @@ async def first_chunk(resp: UpstreamResponse) -> bytes:
 
 
 async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk: bytes, rec: RequestRecord,
-                    scanner: EventScanner, checker: StreamGuard) -> None:
+                    scanner: EventScanner, checker: StreamGuard, *, links: Links | None = None) -> None:
     """Write the stream to the client as it comes, the scanner reading every event on the way.
+
+    With ``links`` (the scanner must keep events whole) events are written one by one as they
+    complete, each one carrying images with its data URLs replaced by links (a 4K image's event
+    becomes a few hundred bytes), every other event as it came, followed by a blank line.
 
     Returns when the upstream ended the stream after ``[DONE]``, or right after the chunk that
     carried the provider's own error event (``scanner.error``): that event, relayed key-free,
     is the stream's final one, so nothing of ours follows it. Raises a ``GatewayError`` for
     anything else (a malformed event, a stall, a broken connection, an end before [DONE])."""
     while chunk:
-        await write_counted(response, checker.clean(chunk), rec)
+        if links is None:
+            await write_counted(response, checker.clean(chunk), rec)
         for event in scanner.feed(chunk):
             payload = event_data(event)
             if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES:
@@ -93,6 +100,8 @@ async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk:
                 await asyncio.to_thread(scanner.handle, payload)
             else:
                 scanner.handle(payload)
+            if links is not None:
+                await write_counted(response, checker.clean(await deliver.rewrite_event(event, links) + b"\n\n"), rec)
         if scanner.error is not None:
             break
         chunk = await resp.readany()

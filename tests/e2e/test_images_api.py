@@ -1,0 +1,253 @@
+"""OpenAI's Images API through the official ``openai`` SDK, against gateway + simulator (real servers).
+
+The simulator's images are a pure function of the chat call (text, image_config, input bytes),
+so an image equal to the one a direct chat call with the expected body gets proves what reached
+the provider: the prompt, the uploads byte for byte and the image_config that ``size`` became.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.images import decode_data_url, image_bytes, open_image
+
+MODEL = "google/gemini-3-pro-image-preview"
+KEY = "an-image-link-signing-key-for-the-tests"
+
+
+@pytest.fixture
+async def gw(start_gateway):
+    return await start_gateway({"alpha": {}, "linked": {"images": {"delivery": "url"}},
+                                "slow": {"limits": {"requests_per_minute": 2}}, "cached": {"cache": {"mode": "always"}}},
+                               images={"signing_key": KEY, "max_n": 3})
+
+
+@pytest.fixture
+async def client(gw):
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key(), max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def chat_image(client, content, **extra) -> bytes:
+    """The image a direct chat call with this content (and ``extra`` body fields) gets."""
+    r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                             extra_body={"modalities": ["image", "text"], **extra})
+    return decode_data_url(r.choices[0].message.model_extra["images"][0]["image_url"]["url"])
+
+
+def image_part(data: bytes, mime: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+
+
+async def test_generate_b64_json_maps_size_to_the_image_config(client, simulator):
+    r = await client.images.generate(model=MODEL, prompt="a lighthouse at dusk", size="1536x1024",
+                                     response_format="b64_json")
+    assert len(r.data) == 1 and r.data[0].url is None
+    got = base64.b64decode(r.data[0].b64_json)
+    img = open_image(got)
+    assert (img.format, img.size) == ("JPEG", (2 * 1264, 2 * 848))  # 3:2 at 2K: size's longer side is 1536
+    expected = await chat_image(client, [{"type": "text", "text": "a lighthouse at dusk"}],
+                                image_config={"aspect_ratio": "3:2", "image_size": "2K"})
+    assert got == expected
+    assert r.usage.output_tokens > 1120 and r.usage.input_tokens == r.usage.input_tokens_details.text_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+async def test_image_config_wins_over_size_and_quality_picks_the_resolution(client):
+    r = await client.images.generate(prompt="a kite", size="1024x1024", quality="hd", response_format="b64_json",
+                                     extra_body={"image_config": {"aspect_ratio": "16:9"}})
+    assert open_image(base64.b64decode(r.data[0].b64_json)).size == (1376, 768)  # 16:9 at 1K (size, not hd)
+    r = await client.images.generate(prompt="a kite", quality="hd", response_format="b64_json")
+    assert open_image(base64.b64decode(r.data[0].b64_json)).size == (2048, 2048)  # no size: hd is 2K
+
+
+async def test_generate_three_as_links_fetched_without_a_key(client, simulator, http):
+    before = (await simulator.stats())["calls"]
+    r = await client.images.generate(prompt="three boats", n=3, response_format="url")
+    assert len(r.data) == 3 and all(d.b64_json is None for d in r.data)
+    assert (await simulator.stats())["calls"] == before + 3
+    expected = await chat_image(client, [{"type": "text", "text": "three boats"}])
+    for item in r.data:
+        async with http.get(item.url) as resp:  # no Authorization: the link is the credential
+            assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
+            assert await resp.read() == expected
+
+
+async def test_n_3_as_base64(client):
+    r = await client.images.generate(prompt="three kites", n=3)  # no response_format, team inline: b64_json
+    assert [open_image(base64.b64decode(d.b64_json)).format for d in r.data] == ["JPEG"] * 3
+
+
+async def test_a_url_team_gets_links_without_asking(gw):
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key("linked"), max_retries=0) as c:
+        r = await c.images.generate(prompt="a harbour")
+    assert r.data[0].url.startswith(gw.url + "/v1/images/files/") and r.data[0].b64_json is None
+
+
+async def test_edit_with_one_file_sends_its_bytes(client, tmp_path):
+    upload = image_bytes("PNG", (120, 80), (20, 160, 40))
+    path = tmp_path / "in.png"
+    path.write_bytes(upload)
+    r = await client.images.edit(image=path, prompt="make it night", response_format="b64_json")
+    got = base64.b64decode(r.data[0].b64_json)
+    assert open_image(got).size == (1264, 848)  # no size: the simulator keeps the input's 3:2 shape
+    assert got == await chat_image(client, [{"type": "text", "text": "make it night"}, image_part(upload)])
+
+
+async def test_edit_with_several_files_and_a_size(client):
+    first, second = image_bytes("PNG", (64, 64), (200, 0, 0)), image_bytes("JPEG", (64, 64), (0, 0, 200))
+    r = await client.images.edit(image=[("a.png", first, "image/png"), ("b.jpg", second, "image/jpeg")],
+                                 prompt="put them side by side", size="1792x1024", response_format="b64_json")
+    got = base64.b64decode(r.data[0].b64_json)
+    expected = await chat_image(client, [{"type": "text", "text": "put them side by side"}, image_part(first),
+                                         image_part(second, "image/jpeg")],
+                                image_config={"aspect_ratio": "16:9", "image_size": "2K"})
+    assert got == expected
+
+
+async def test_edit_as_json_with_image_urls(gw, client, http):
+    upload = image_bytes("PNG", (80, 80), (90, 90, 10))
+    url = f"data:image/png;base64,{base64.b64encode(upload).decode()}"
+    async with http.post(gw.url + "/v1/images/edits", headers=gw.headers(),
+                         json={"prompt": "add a hat", "images": [{"image_url": url}], "response_format": "url"}) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    async with http.get(body["data"][0]["url"]) as resp:
+        got = await resp.read()
+    assert got == await chat_image(client, [{"type": "text", "text": "add a hat"}, image_part(upload)])
+
+
+@pytest.mark.parametrize("extra, param", [({"extra_body": {"mask": "x"}}, "mask"),
+                                          ({"extra_body": {"background": "transparent"}}, "background"),
+                                          ({"extra_body": {"output_format": "png"}}, "output_format"),
+                                          ({"extra_body": {"style": "vivid"}}, "style")])
+async def test_what_cannot_be_honoured_is_unsupported_parameter(client, simulator, extra, param):
+    before = (await simulator.stats())["calls"]
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.images.generate(prompt="a cat", **extra)
+    assert err.value.code == "unsupported_parameter" and err.value.param == param
+    assert (await simulator.stats())["calls"] == before
+
+
+async def test_a_mask_on_an_edit_is_refused(client):
+    png = image_bytes("PNG")
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.images.edit(image=("a.png", png, "image/png"), mask=("m.png", png, "image/png"), prompt="x")
+    assert (err.value.code, err.value.param) == ("unsupported_parameter", "mask")
+
+
+async def test_bad_input_is_a_400_naming_the_field(client, gw):
+    with pytest.raises(openai.BadRequestError) as err:  # the same image checks as chat: magic bytes
+        await client.images.edit(image=[("a.png", image_bytes("PNG"), "image/png"), ("b.png", b"not an image", "image/png")],
+                                 prompt="x")
+    assert (err.value.code, err.value.param) == ("invalid_image", "image[1]")
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.images.generate(prompt="x", n=4)
+    assert err.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.images.generate(prompt="x", size="big")
+    assert err.value.param == "size"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.images.edit(image=("a.png", image_bytes("PNG"), "image/png"), prompt="")
+    assert err.value.param == "prompt"
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="wrong", max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError):
+            await c.images.generate(prompt="x")
+
+
+async def test_n_images_count_n_requests(gw, simulator):
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key("slow"), max_retries=0) as c:
+        r = await c.images.generate(prompt="x", n=2)
+        assert len(r.data) == 2
+        before = (await simulator.stats())["calls"]
+        with pytest.raises(openai.RateLimitError):  # the 2 images took the minute's 2 requests
+            await c.images.generate(prompt="x")
+        with pytest.raises(openai.RateLimitError):  # refused before any call reached the provider
+            await c.images.generate(prompt="x", n=3)
+        assert (await simulator.stats())["calls"] == before
+
+
+async def test_partial_failure_answers_what_came_back_and_charges_what_ran(gw, client, simulator, http):
+    await simulator.script(["status=400", "", ""])  # the first call is refused by the provider
+    raw = await client.images.with_raw_response.generate(prompt="partial", n=3)
+    r = raw.parse()
+    assert len(r.data) == 2 and raw.headers["x-images-failed"] == "1"
+    async with http.get(gw.url + "/v1/usage", headers=gw.headers()) as resp:
+        day = (await resp.json())["day"]
+    assert day["images_out"] == 2
+    assert day["tokens"]["prompt"] + day["tokens"]["completion"] == r.usage.total_tokens  # the refusal: nothing
+
+    await simulator.script(["status=400", "status=400"])
+    with pytest.raises(openai.BadRequestError):  # none came back: the provider's error
+        await client.images.generate(prompt="partial", n=2)
+
+
+def test_demo_prints_an_images_api_and_a_link_example_that_work():
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("Ctrl-C") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "demo exited early: " + "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        assert "client.images.generate(" in text and "client.images.edit(" in text
+        assert '"response_format": "url"' in text and "X-Image-Delivery: url" in text
+        url = re.search(r"Demo gateway on (http://\S+)", text).group(1)
+        key = re.search(r'Team "demo" key: (\S+)', text).group(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        link = client.images.generate(prompt="a demo", response_format="url").data[0].url
+        with urllib.request.urlopen(link) as resp:  # no key
+            assert open_image(resp.read()).format == "JPEG"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+
+
+async def test_metrics_and_access_log_count_it_like_a_chat_request(gw, client, http, caplog):
+    caplog.set_level("INFO", logger="gateway.access")
+    upload = image_bytes("PNG", (32, 32))
+    r = await client.images.edit(image=[("a.png", upload, "image/png")] * 2, prompt="metered", n=2)
+    async with http.get(gw.url + "/metrics") as resp:
+        samples = [s for f in text_string_to_metric_families(await resp.text()) for s in f.samples]
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("gateway_requests_total", team="alpha", model=MODEL, status="200", cache="bypass") == 1
+    assert value("gateway_images_total", team="alpha", model=MODEL, direction="out") == 2
+    assert value("gateway_images_total", team="alpha", model=MODEL, direction="in") == 4  # 2 inputs x 2 calls
+    assert value("gateway_tokens_total", team="alpha", model=MODEL, type="prompt") == r.usage.input_tokens
+    lines = [rec.access for rec in caplog.records if getattr(rec, "access", {}).get("path") == "/v1/images/edits"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line["team"], line["model"], line["status"], line["images_in"], line["images_out"]) == ("alpha", MODEL, 200, 4, 2)
+    assert line["prompt_tokens"] + line["completion_tokens"] == r.usage.total_tokens and line["bytes_in"] > 2 * len(upload)
+
+
+async def test_a_repeat_is_answered_from_the_cache_image_by_image(gw, simulator):
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key("cached"), max_retries=0) as c:
+        before = (await simulator.stats())["calls"]
+        first = await c.images.with_raw_response.generate(prompt="cached boats", n=2)
+        calls = (await simulator.stats())["calls"]
+        assert calls == before + 2  # two images, two calls: never one image handed out twice
+        again = await c.images.with_raw_response.generate(prompt="cached boats", n=2)
+    assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
+    assert (await simulator.stats())["calls"] == calls  # each image its own entry: both hit
+    assert [d.b64_json for d in again.parse().data] == [d.b64_json for d in first.parse().data]
