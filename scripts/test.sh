@@ -11,6 +11,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx)  # the fleet tier's load balancer
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "installing system packages: ${need[*]}"
@@ -27,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv || { echo "python3 -m venv failed: apt-get install -y python3-venv" >&2; exit 1; }
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test,fast]'
+.venv/bin/python -m pip install -q -e '.[test,fast,otel,s3]'
 
 export GATEWAY_REQUIRE_REDIS=1 GATEWAY_REQUIRE_PROMETHEUS=1
 exec .venv/bin/python -m pytest -n 2 "$@"

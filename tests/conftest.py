@@ -7,4 +7,6 @@ pytest_plugins = [
     "tests.fixtures.logscan",
     "tests.fixtures.load",
     "tests.fixtures.processes",
+    "tests.fixtures.nginx",
+    "tests.fixtures.s3",
 ]

@@ -54,6 +54,7 @@ def create_app(
         enabled=config.server.metrics,
         model_ids=[m.id for m in config.models],
         teams=[t.name for t in config.teams],
+        account=config.account is not None,
     )
     app[RUNTIME] = Runtime(config, metrics, path=config_path)
     app.cleanup_ctx.append(_resources(store, clock))

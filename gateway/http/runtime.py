@@ -82,7 +82,8 @@ class Runtime:
             self.snapshot = Snapshot.of(config)
             if self.limiter is not None:
                 self.limiter.reconfigure(config)
-            self.metrics.configure([m.id for m in config.models], [t.name for t in config.teams])
+            self.metrics.configure([m.id for m in config.models], [t.name for t in config.teams],
+                                   account=config.account is not None)
             if config.logging != old.logging:
                 from gateway.observability.accesslog import configure_logging
 

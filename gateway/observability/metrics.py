@@ -40,9 +40,10 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 CACHE_STATES = frozenset(("hit", "miss", "bypass", "none"))
-LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "tokens_per_day", "usd_per_month",
-          "account_requests_per_minute", "account_tokens_per_minute", "account_max_concurrent",
-          "account_tokens_per_day", "account_usd_per_day", "account_usd_per_month")  # account_*: the account refused
+TEAM_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "tokens_per_day", "usd_per_month")
+ACCOUNT_LIMITS = ("account_requests_per_minute", "account_tokens_per_minute", "account_max_concurrent",
+                  "account_tokens_per_day", "account_usd_per_day", "account_usd_per_month")  # the account refused
+LIMITS = TEAM_LIMITS + ACCOUNT_LIMITS
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "status_429", "bad_response", "disconnect")
 QUOTAS = ("tokens_per_day", "usd_per_month")
 ACCOUNT_QUOTAS = ("tokens_per_day", "usd_per_day", "usd_per_month")
@@ -106,7 +107,7 @@ class Metrics:
     """The gateway's metrics; ``enabled=False`` turns every call into a no-op."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None, enabled: bool = True,
-                 model_ids: Iterable[str] = (), teams: Iterable[str] = ()):
+                 model_ids: Iterable[str] = (), teams: Iterable[str] = (), account: bool = False):
         self.enabled = enabled
         self.multiprocess = enabled and bool(os.environ.get(MULTIPROC_ENV))
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -180,16 +181,16 @@ class Metrics:
         self._labelled: dict[tuple, Counter | Gauge] = {}  # children of the rarer calls
         self._upstream: dict[tuple, Callable[[float], None]] = {}
         self._upstream_errors = {k: adder(self.upstream_errors.labels(k)) for k in UPSTREAM_ERROR_KINDS}
-        self.configure(model_ids, teams)
+        self.configure(model_ids, teams, account=account)
 
-    def configure(self, model_ids: Iterable[str], teams: Iterable[str]) -> None:
+    def configure(self, model_ids: Iterable[str], teams: Iterable[str], *, account: bool = False) -> None:
         """The configured models (labels; others fold into ``other``) and teams, at start and on
         each reload. A new team's series are born at 0: Prometheus' rate() and increase() cannot
-        see a series' first event."""
+        see a series' first event. The account's refusals are born only where an account is set."""
         self._models = frozenset(model_ids)
         for team in teams:
             self.cache_saved_tokens.labels(team)
-            for limit in LIMITS:
+            for limit in LIMITS if account else TEAM_LIMITS:
                 self.rejections.labels(team, limit)
 
     # -- the request path ---------------------------------------------------------------------

@@ -39,7 +39,8 @@ def image_tokens(raw: bytes, stream: bool) -> int:
 async def test_prometheus_reads_the_gateways_numbers_and_every_panel_and_rule_evaluates(
         start_gateway, prometheus_server):
     design, research = TEAMS  # the teams test_prometheus' Grafana $team variable selects
-    gw = await start_gateway(teams={design: {"quota": {"tokens_per_day": 10_000_000}}, research: {}})
+    gw = await start_gateway(teams={design: {"quota": {"tokens_per_day": 10_000_000}}, research: {}},
+                             account={"quota": {"tokens_per_day": 50_000_000, "usd_per_day": 500, "usd_per_month": 10_000}})
     port = gw.url.rsplit(":", 1)[1]
     prom = await prometheus_server([f"127.0.0.1:{port}"], rule_files=[PROMETHEUS_DIR / "alerts.yml"])
     expected = {design: 0, research: 0}
