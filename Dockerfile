@@ -17,7 +17,7 @@ WORKDIR /app
 COPY config/gateway.example.yaml /app/config/gateway.example.yaml
 USER 10001:10001
 ENV GATEWAY_CONFIG=/app/config/gateway.yaml PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TMPDIR=/tmp
-EXPOSE 8080
+EXPOSE 8080 9090
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status != 200)"
 ENTRYPOINT ["gateway"]
 CMD ["serve"]

@@ -1,8 +1,8 @@
 """Running the gateway: one worker on an event loop, or a supervisor of N workers on one port.
 
-Workers share the port with SO_REUSEPORT and the metrics through prometheus_client's
-multiprocess directory, which the supervisor prepares before any worker starts and keeps
-across worker restarts (so counters never go backwards).
+Workers share the port (and ``server.metrics_port``, when set) with SO_REUSEPORT and the
+metrics through prometheus_client's multiprocess directory, which the supervisor prepares before
+any worker starts and keeps across worker restarts (so counters never go backwards).
 
 Each connection is served by ``GatewayProtocol``, aiohttp's own with the gateway's rules at
 the edge, where no handler runs: malformed HTTP gets the provider's JSON error shape and one
@@ -72,10 +72,33 @@ async def _serve_forever(app: web.Application, host: str, port: int, reuse_port:
     lifecycle = Lifecycle(app)
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
     await site.start()
+    metrics = await _start_metrics_site(app, host, reuse_port)
     bound = runner.addresses[0][1] if runner.addresses else port
     print(f"gateway listening on http://{host}:{bound}", flush=True)
     await lifecycle.run(runner)
+    if metrics is not None:  # scraped until the very end: the drain shows in gateway_draining
+        await metrics.cleanup()
     return 0
+
+
+async def _start_metrics_site(app: web.Application, host: str, reuse_port: bool) -> web.AppRunner | None:
+    """With ``server.metrics_port``, the metrics alone on that port, so a NetworkPolicy (which
+    filters by port, not path) can keep them from the API's clients. No auth, no access log, not
+    counted. Every worker binds it (SO_REUSEPORT) and any answers for all: the multiprocess
+    registry sums them."""
+    from gateway.http.health import metrics_exposition
+    from gateway.http.state import METRICS, RUNTIME
+
+    server = app[RUNTIME].snapshot.config.server  # restart-only
+    if server.metrics_port is None:
+        return None
+    metrics_app = web.Application()
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app.router.add_get(server.metrics_path, metrics_exposition)
+    runner = web.AppRunner(metrics_app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, server.metrics_port, reuse_port=reuse_port or None).start()
+    return runner
 
 
 class GatewayRunner(web.AppRunner):

@@ -29,6 +29,7 @@ class ServerConfig:
     max_body_mb: float = 100
     metrics_path: str = "/metrics"
     metrics: bool = True  # off only to measure the gateway without them
+    metrics_port: int | None = None  # set: metrics_path only on this port (a NetworkPolicy filters by port)
     read_timeout_s: float = 30  # a client that sends no byte of its headers or body this long is cut off
     drain_delay_s: float = 5  # after SIGTERM: /readyz says 503 at once, new connections still taken this long
     shutdown_timeout_s: float = 315  # after SIGTERM: in-flight requests get this long (loader: upstream.timeout_s + 15)

@@ -73,6 +73,8 @@ POS_INT = _rule(lambda v: type(v) is int and v > 0, "must be a positive integer"
 COUNT = _rule(lambda v: type(v) is int and v >= 0, "must be an integer >= 0")
 PORT = _rule(lambda v: type(v) is int and 0 <= v <= 65535,
              "must be an integer from 0 to 65535 (0 = any free port)")
+METRICS_PORT = _rule(lambda v: type(v) is int and 0 < v <= 65535,  # every worker binds the same one
+                     "must be an integer from 1 to 65535, or null (metrics on server.port)")
 POS_NUM = _rule(lambda v: _is_num(v) and v > 0, "must be a positive number", float)
 PRICE = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
 NON_NEG_NUM = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
@@ -142,7 +144,7 @@ MIN_SIGNING_KEY = 32  # characters: an HMAC key must not be guessable
 MAX_PRESIGN_S = 7 * 86400  # SigV4 presigned URLs live at most a week
 _SCHEMA = _record({
     "server": _record({"host": TEXT, "port": PORT, "max_body_mb": POS_NUM,
-                       "metrics_path": URL_PATH, "metrics": BOOL,
+                       "metrics_path": URL_PATH, "metrics": BOOL, "metrics_port": _nullable(METRICS_PORT),
                        "read_timeout_s": POS_NUM, "drain_delay_s": NON_NEG_NUM,
                        "shutdown_timeout_s": POS_NUM, "watch_config": BOOL}),
     "upstream": _record({"base_url": BASE_URL, "api_key": ANY_TEXT, "timeout_s": POS_NUM,
@@ -212,6 +214,9 @@ def _check(data: Any, problems: list[str]) -> c.Config:
              for owner, keys in [(f"teams[{i}]", t.get("keys")) for i, t in teams]
              + [("admin", tree.get("admin", {}).get("keys"))]
              for j, h in _present(keys)], "key hash", problems)
+    server = tree.get("server", {})
+    if server.get("metrics_port") is not None and server["metrics_port"] == server.get("port", c.ServerConfig().port):
+        problems.append("server.metrics_port: must differ from server.port")
     _check_images(tree.get("images", {}), [(f"teams[{i}].images", t.get("images", {})) for i, t in teams],
                   problems)
     if problems:

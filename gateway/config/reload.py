@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 RESTART_ONLY = (
     "server.host", "server.port", "server.max_body_mb", "server.metrics_path", "server.metrics",
-    "server.read_timeout_s", "server.watch_config",
+    "server.metrics_port", "server.read_timeout_s", "server.watch_config",
     "upstream.base_url", "upstream.api_key", "upstream.connect_timeout_s", "upstream.max_retries",
     "store.url", "store.lease_ttl_s", "images.storage", "images.s3", "tracing",
 )

@@ -68,7 +68,7 @@ def create_app(
     app.router.add_get("/admin/usage", admin_usage)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if config.server.metrics_path:
+    if config.server.metrics_port is None:  # else only gateway.server's metrics site serves them
         app.router.add_get(config.server.metrics_path, metrics_exposition)
     return app
 

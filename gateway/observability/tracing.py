@@ -7,6 +7,12 @@ its children are ``admission``, ``cache``, ``upstream`` (CLIENT: its ``tracepare
 provider) and ``relay``. Events: ``retry`` (upstream), ``first_byte``, ``stream_cut``. A request
 that failed has status ERROR with its error code as the description.
 
+An Images API request (``n`` images) is one server span with ``gen_ai.operation.name`` =
+``generate_content`` (the conventions' multimodal generation; ``chat`` is OpenAI's Chat API, which
+that request is not), ``gen_ai.output.type`` = ``image`` and ``gen_ai.request.choice.count`` = ``n``;
+its ``n`` chat calls are each an ``upstream`` CLIENT span (``chat``, as the provider sees them),
+with their own ``cache`` and ``relay`` siblings, all children of that one server span.
+
 Spans are parented explicitly (never through OpenTelemetry's current-context), so nothing is
 attached to the event loop's context; the provider is the app's own (no global is set), batched
 (``BatchSpanProcessor``) to ``<otlp_endpoint>/v1/traces`` over OTLP/HTTP and flushed at shutdown.
@@ -27,7 +33,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.config import TracingConfig
 from gateway.http.record import RequestRecord
 
-CHAT_PATH = "/v1/chat/completions"
+# gen_ai.operation.name of the server span, by path (the GenAI conventions' well-known values)
+OPERATIONS = {"/v1/chat/completions": "chat", "/v1/images/generations": "generate_content",
+              "/v1/images/edits": "generate_content"}
+IMAGE_OPERATION = "generate_content"
 MAX_PATH = 200  # paths come from clients: keep attributes bounded
 _propagator = TraceContextTextMapPropagator()  # W3C traceparent/tracestate only: no baggage
 
@@ -47,7 +56,7 @@ class Tracing:
     def start(self, headers: Mapping[str, str], rec: RequestRecord, route: str | None) -> RequestTrace:
         """The request's SERVER span, a child of the client's ``traceparent`` when it sent one;
         named by its ``route`` (the pattern, never the path: names stay few), renamed
-        ``chat <model>`` by ``finish`` for a chat request."""
+        ``<operation> <model>`` by ``finish`` for a chat or Images API request."""
         attributes = {"http.request.method": rec.method, "url.path": rec.path[:MAX_PATH],
                       "gateway.request_id": rec.request_id}
         if route is not None:
@@ -86,6 +95,10 @@ class RequestTrace:
     def event(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
         self.span.add_event(name, attributes)
 
+    def choices(self, n: int) -> None:
+        """The number of answers asked for (the Images API's ``n``)."""
+        self.span.set_attribute("gen_ai.request.choice.count", n)
+
     def finish(self, rec: RequestRecord) -> None:
         """The request's outcome onto its span, then end it: once, whatever way it ended."""
         span = self.span
@@ -94,10 +107,13 @@ class RequestTrace:
             attrs["gateway.team"] = rec.team
         if rec.key_fingerprint is not None:
             attrs["gateway.key_fingerprint"] = rec.key_fingerprint
-        if rec.path == CHAT_PATH:
-            attrs["gen_ai.operation.name"] = "chat"
+        operation = OPERATIONS.get(rec.path)
+        if operation is not None:
+            attrs["gen_ai.operation.name"] = operation
             attrs["gen_ai.request.model"] = rec.model
-            span.update_name(f"chat {rec.model}")  # the GenAI convention's span name
+            span.update_name(f"{operation} {rec.model}")  # the GenAI convention's span name
+            if operation == IMAGE_OPERATION:
+                attrs["gen_ai.output.type"] = "image"
             if rec.response_model:
                 attrs["gen_ai.response.model"] = rec.response_model
             if rec.usage is not None:

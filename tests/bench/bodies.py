@@ -42,6 +42,7 @@ def write_bodies(workdir: Path) -> dict[str, Path]:
         "big_json": text_to_image("big_json"),
         "big_sse": text_to_image("big_sse", stream=True),
         "img2k": text_to_image("img2k", image_config={"image_size": "2K"}),
+        "img4k": text_to_image("img4k", image_config={"image_size": "4K"}),
         "slow": text_to_image("slow"),
         "composition": composition(),
     }

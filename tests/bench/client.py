@@ -1,7 +1,9 @@
 """The bench's Python load client, a separate process (for what wrk does not fit).
 
-    python -m tests.bench.client sequential --url U --body FILE --count K
-        K requests one after the other; prints JSON {"seconds": [...], "statuses": [...], "bytes": [...]}
+    python -m tests.bench.client sequential --url U --body FILE --count K [--fetch-links 1]
+        K requests one after the other; prints JSON {"seconds": [...], "statuses": [...], "bytes": [...],
+        "fetched": [...]}; with --fetch-links 1 each answer's image links are then fetched (GET, no
+        key), their time counted in "seconds" and their bytes in "fetched"
     python -m tests.bench.client burst --url U --body FILE --concurrency N
         N requests at once; prints JSON {"ok": n, "statuses": {...}, "errors": {...}, "wall_s": s}
 
@@ -29,6 +31,23 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         return resp.status, size
 
 
+async def _answer_and_links(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict) -> tuple[int, int, int]:
+    """A chat answer, then every image link in it (a browser's ``<img src>``): status, answer bytes, image bytes."""
+    async with session.post(url, data=body, headers=headers) as resp:
+        answer = await resp.read()
+        status = resp.status
+    fetched = 0
+    for choice in json.loads(answer).get("choices", []) if status == 200 else []:
+        for image in choice["message"].get("images") or []:
+            link = image["image_url"]["url"]
+            if link.startswith("http"):
+                async with session.get(link) as got:
+                    got.raise_for_status()
+                    async for chunk in got.content.iter_any():
+                        fetched += len(chunk)
+    return status, len(answer), fetched
+
+
 def _session(limit: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit),
@@ -37,15 +56,19 @@ def _session(limit: int) -> aiohttp.ClientSession:
     )
 
 
-async def sequential(url: str, body: bytes, headers: dict, count: int) -> dict:
-    out = {"seconds": [], "statuses": [], "bytes": []}
+async def sequential(url: str, body: bytes, headers: dict, count: int, fetch_links: bool = False) -> dict:
+    out = {"seconds": [], "statuses": [], "bytes": [], "fetched": []}
     async with _session(1) as session:
         for _ in range(count):
             started = time.perf_counter()
-            status, size = await _one(session, url, body, headers)
+            if fetch_links:
+                status, size, fetched = await _answer_and_links(session, url, body, headers)
+            else:
+                (status, size), fetched = await _one(session, url, body, headers), 0
             out["seconds"].append(time.perf_counter() - started)
             out["statuses"].append(status)
             out["bytes"].append(size)
+            out["fetched"].append(fetched)
     return out
 
 
@@ -75,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", default="key-bench")
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=2000)
+    p.add_argument("--fetch-links", type=int, default=0, help="sequential: 1 = then GET each answer's image links")
     args = p.parse_args(argv)
     raise_nofile()
     use_uvloop()
     body = args.body.read_bytes()
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
     if args.mode == "sequential":
-        result = asyncio.run(sequential(args.url, body, headers, args.count))
+        result = asyncio.run(sequential(args.url, body, headers, args.count, bool(args.fetch_links)))
     else:
         result = asyncio.run(burst(args.url, body, headers, args.concurrency))
     print(json.dumps(result), flush=True)

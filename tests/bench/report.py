@@ -40,6 +40,8 @@ def _fmt(x: float | None) -> str:
         return f"{x:.1f}"
     if ax >= 1:
         return f"{x:.2f}"
+    if 0 < ax < 0.001:  # a tiny ratio (a link's bytes vs base64's) would show as 0.000
+        return f"{x:.1e}"
     return f"{x:.3f}"
 
 

@@ -371,6 +371,54 @@ def _largest_cache_entry(url: str) -> int:
     return max(sizes)
 
 
+# ---- a 4K image delivered as a link vs inline -------------------------------------------------
+
+LINK_SIGNING_KEY = "bench-image-link-signing-key-0123456789"
+
+
+def image_links(b: Bench) -> list[Row]:
+    """A chat answer carrying a 4K image (20 MB of base64), one request at a time: inline (the
+    provider's base64 relayed) vs ``images.delivery: url`` (the image stored once in the
+    gateway's memory:// store, the answer a signed link), and that link then fetched, which is
+    what a client that wants the bytes pays. Bytes and time to last byte, vs inline.
+
+    The upstream sends the same image every time and storage is content-addressed, so after a
+    gateway's first answer the link path only hashes the image and renews it: the store write
+    (one bytes copy into memory://) is not in the figures."""
+    sc, s = "4K image: link vs inline", b.settings
+    inline = b.gateway("inline (base64)")
+    link = b.gateway("link", images={"delivery": "url", "signing_key": LINK_SIGNING_KEY, "url_ttl_s": 600})
+    fetch = Contestant("link + image GET", link.proc, owned=False)
+    cs, body = [inline, link, fetch], b.bodies["img4k"]
+    try:
+        for c in (inline, link):  # also the warm-up; the link gateway stores the image here
+            _, data = expect_ok(c, body.read_bytes())
+            if (b"data:image/" in data) == (c is link):
+                raise RuntimeError(f"{c.name}: the answer is not what its delivery says: {data[:300]!r}")
+
+        def measure(c: Contestant):
+            return client(b.procs, "sequential", c.url, body, count=s.big_requests, timeout_s=120,
+                          **{"fetch-links": int(c is fetch)})
+
+        res = alternate(b, sc, cs, measure, lambda v: f"{statistics.median(v['seconds']) * 1000:.1f} ms to last byte, "
+                                                      f"{statistics.median(v['bytes']):,.0f} B")
+    finally:
+        b.stop(*cs)
+    rows, paired = [], {"vs paired": inline.name}
+    for c in cs:
+        runs = res[c.name]
+        bad = sum(status != 200 for r in runs for status in r["statuses"])
+        refs = paired if c is not inline else {}
+        rows += [
+            Row(sc, c.name, "ms to last byte @c1", [statistics.median(r["seconds"]) * 1000 for r in runs], refs,
+                notes=[f"{bad} non-200"] if bad else []),
+            Row(sc, c.name, "answer bytes", [statistics.median(r["bytes"]) for r in runs], refs),
+        ]
+        if c is fetch:
+            rows.append(Row(sc, c.name, "bytes fetched by link", [statistics.median(r["fetched"]) for r in runs]))
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "small": small_json,
     "limits": limits,
@@ -380,5 +428,6 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "big-response": big_responses,
     "big-request": big_request,
     "cache": cache_hit,
+    "links": image_links,
     "slow": slow_requests,
 }

@@ -9,6 +9,7 @@ put in front of it. Every POST gets a precomputed answer chosen by the request b
     big_json  a chat.completion carrying one 10 MB base64 image, Content-Length
     big_sse   the same as an SSE stream, the image in ONE event, chunked encoding
     img2k     a chat.completion carrying one ~5 MB base64 image (a "2K" image), Content-Length
+    img4k     a chat.completion carrying one 20 MB base64 image (a "4K" image), Content-Length
     slow      ``small``, but held SLOW_S seconds first
 
 Keep-alive is the default (HTTP/1.1), ``Connection: close`` is honoured, request bodies may
@@ -31,6 +32,7 @@ import orjson
 SLOW_S = 5.0
 BIG_B64_BYTES = 10 * 1000 * 1000  # the "10 MB image" as it travels: base64 text
 IMG2K_B64_BYTES = 5 * 1000 * 1000  # a 2K image, ~5 MB of base64
+IMG4K_B64_BYTES = 20 * 1000 * 1000  # a 4K image, 20 MB of base64 (the provider's can exceed 30 MB)
 MODEL = "google/gemini-3-pro-image-preview"
 MODE_RE = re.compile(rb'"bench"\s*:\s*"([A-Za-z0-9_]+)"')
 HEAD_SCAN = 4096  # clients put "bench" first; the whole body is searched only as a fallback
@@ -105,6 +107,7 @@ def build_responses() -> dict[bytes, bytes]:
         b"big_json": _fixed(_completion(big_url)),
         b"big_sse": _chunked(_sse_events(big_url)),
         b"img2k": _fixed(_completion(_image_url(IMG2K_B64_BYTES, 3))),
+        b"img4k": _fixed(_completion(_image_url(IMG4K_B64_BYTES, 4))),
     }
 
 

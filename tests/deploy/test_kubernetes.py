@@ -147,12 +147,12 @@ def test_the_grace_period_covers_prestop_and_shutdown_timeout(tmp_path, monkeypa
 def test_probes_ports_and_the_service_agree(tmp_path, monkeypatch):
     config = _loaded_config(tmp_path, monkeypatch)
     container = _container()
-    [port] = container["ports"]
-    assert port["containerPort"] == config.server.port
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": config.server.port, "metrics": config.server.metrics_port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     service = _one("Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == [port["name"]]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "http", "metrics": "metrics"}
     pod_labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
     for kind in ("Service", "PodDisruptionBudget", "Deployment"):
         spec = _one(kind)["spec"]
@@ -191,22 +191,33 @@ def test_secrets_come_from_a_secret():
 
 
 def test_metrics_are_scraped_only_from_the_monitoring_namespace(tmp_path, monkeypatch):
+    """NetworkPolicy filters by port, not path: the metrics have a port of their own
+    (server.metrics_port), which only the monitoring namespace may reach and the ServiceMonitor
+    scrapes; the API's clients reach the API's port alone, where /metrics answers 404."""
     config = _loaded_config(tmp_path, monkeypatch)
+    assert config.server.metrics_port is not None and config.server.metrics_port != config.server.port
     monitor = _one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = _one("Service")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     [endpoint] = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    [scraped] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    assert container_ports[scraped["targetPort"]] == config.server.metrics_port
     assert endpoint["path"] == config.server.metrics_path
     # Prometheus' job label: alerts.yml's GatewayDown watches up{job="gateway"}
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "gateway"
     policy = _one("NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    monitoring = [rule for rule in policy["ingress"]
-                  if rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]]
-    assert monitoring and monitoring[0]["ports"] == [{"port": _container()["ports"][0]["name"], "protocol": "TCP"}]
-    assert all(rule.get("from") for rule in policy["ingress"])  # no rule open to every peer
+    assert all(rule.get("from") and rule.get("ports") for rule in policy["ingress"])  # no rule open to all
+    admitted: dict[int, list] = {}  # container port -> the peers admitted to it
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            admitted.setdefault(container_ports.get(port["port"], port["port"]), []).extend(rule["from"])
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    clients = {"namespaceSelector": {"matchLabels": {"image-gateway.io/client": "true"}}}
+    assert admitted == {config.server.metrics_port: [monitoring], config.server.port: [clients]}
 
 
 def test_the_prometheusrule_holds_the_alerts_of_deploy_prometheus(tmp_path):

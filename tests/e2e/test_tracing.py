@@ -1,10 +1,9 @@
 """Tracing end to end: a real gateway process exporting over OTLP/HTTP to a real receiver that
 decodes the protobuf (``tests/fixtures/otlp.py``), the simulator recording the ``traceparent``
 it got, and the gateway's own log. Without ``tracing``, nothing of OpenTelemetry is imported,
-nothing is exported and the provider gets no ``traceparent``.
-
-(The Images API, whose ``n`` upstream calls would be children of one server span, does not
-exist yet: it has no case here.)
+nothing is exported and the provider gets no ``traceparent``. An Images API request with ``n``
+images is one server span whose ``n`` upstream calls (with their cache and relay spans) are its
+children.
 """
 from __future__ import annotations
 
@@ -77,8 +76,12 @@ class Trace:
         assert len(servers) == 1, spans
         self.server = servers[0]
         self.spans = spans
-        self.children = {s.name: s for s in spans if s.parent_id == self.server.span_id}
-        assert len(self.children) == len(spans) - 1, spans  # every other span is the server's child
+        self.under = [s for s in spans if s.parent_id == self.server.span_id]
+        assert len(self.under) == len(spans) - 1, spans  # every other span is the server's child
+        self.children = {s.name: s for s in self.under}  # by name: for a request of one upstream call
+
+    def named(self, name: str) -> list[ReceivedSpan]:
+        return [s for s in self.under if s.name == name]
 
     def events(self, span: ReceivedSpan) -> list[str]:
         return [name for name, _ in span.events]
@@ -103,6 +106,10 @@ async def test_each_request_is_one_server_span_with_genai_attributes_and_its_chi
                            traceparent=f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))[0] == 200
         async with http.get(gw.url + "/v1/nothing/here/42", headers={"X-Request-ID": "r-404"}) as response:
             assert response.status == 404
+        async with http.post(gw.url + "/v1/images/generations", json={"model": MODEL, "prompt": "two owls", "n": 2},
+                             headers={"Authorization": f"Bearer {team_key('alpha')}",
+                                      "X-Request-ID": "r-images"}) as response:
+            assert response.status == 200 and len((await response.json())["data"]) == 2
     calls = (await simulator.stats())["requests"]
     await asyncio.to_thread(stop_gateway, gw)  # shutting down flushes what is still queued
 
@@ -163,6 +170,27 @@ async def test_each_request_is_one_server_span_with_genai_attributes_and_its_chi
 
     t = traces["r-404"]  # named by its route, never by the client's path: span names stay few
     assert t.server.name == "GET unmatched" and t.children == {} and t.server.attributes["http.response.status_code"] == 404
+
+    t = traces["r-images"]  # one server span; each of the n chat calls its own upstream span under it
+    line = access["r-images"]
+    assert t.server.name == f"generate_content {MODEL}" and t.server.kind == "server" and t.server.status == "unset"
+    assert t.server.attributes | {"gateway.request_id": None} == {
+        "gen_ai.operation.name": "generate_content", "gen_ai.output.type": "image", "gen_ai.request.choice.count": 2,
+        "gen_ai.request.model": MODEL, "gen_ai.response.model": MODEL,
+        "gen_ai.usage.input_tokens": line["prompt_tokens"], "gen_ai.usage.output_tokens": line["completion_tokens"],
+        "http.response.status_code": 200, "gateway.team": "alpha", "gateway.cache": "bypass",
+        "gateway.key_fingerprint": fingerprint, "http.request.method": "POST", "http.route": "/v1/images/generations",
+        "url.path": "/v1/images/generations", "gateway.request_id": None}
+    assert sorted((s.name, s.kind) for s in t.under) == [  # not deterministic: no cache lookup (as r-sse)
+        ("admission", "internal"), ("relay", "internal"), ("relay", "internal"),
+        ("upstream", "client"), ("upstream", "client")]
+    upstreams = t.named("upstream")
+    assert all(s.attributes == {"gen_ai.operation.name": "chat", "gen_ai.request.model": MODEL,
+                                "http.response.status_code": 200} and s.status == "unset" for s in upstreams)
+    assert "first_byte" in t.events(t.server)
+    # the provider got two calls of this trace, each naming its own upstream span
+    assert sorted(sent[t.server.trace_id]) == sorted((s.span_id, True) for s in upstreams)
+    assert len({s.span_id for s in upstreams}) == 2
 
     t = traces["r-parent"]  # the client's trace continued
     assert t.server.trace_id == CLIENT_TRACE and t.server.parent_id == CLIENT_SPAN
