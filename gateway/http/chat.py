@@ -54,6 +54,12 @@ class Served:
     links: Links | None = None  # the answer's images go out as links (images.delivery: url)
     collect: bool = False  # keep the provider's answer in ``answer`` instead of sending it (Images API)
     answer: Answer | None = None  # collect: the 200 answer, the provider's or a cache hit's
+    sent: bool = False  # this call may have reached the provider (an Images request's record is n calls')
+
+    def mark_sent(self, rec: RequestRecord) -> None:
+        """The upstream's on_sent: this call may now be billed, and so may the request."""
+        self.sent = True
+        rec.reach(Phase.SENT_UPSTREAM)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -99,7 +105,7 @@ async def run(request: web.Request, chat: ChatRequest, decision, admission, serv
             raise
         return await _end_broken(served.response, err, rec)
     finally:
-        usage = served.usage = _final_usage(chat, served, rec.phase)
+        usage = served.usage = _final_usage(chat, served)
         rec.usage = charged(served)
         await asyncio.shield(admission.settle(usage, cached=served.cached))
 
@@ -135,7 +141,7 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
     resp = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id,
-                                    deadline=served.deadline, on_sent=lambda: rec.reach(Phase.SENT_UPSTREAM),
+                                    deadline=served.deadline, on_sent=lambda: served.mark_sent(rec),
                                     trace=rec.trace)
     rec.response_model = chat.model.upstream_id  # unless the answer names another (JSON: read below)
     try:
@@ -282,11 +288,11 @@ def _usage(chat: ChatRequest, provider_usage: dict | None, images_out: int) -> U
     )
 
 
-def _final_usage(chat: ChatRequest, served: Served, phase: Phase) -> Usage:
-    """The usage to account: the real one, or for a request cut short, what its phase implies."""
+def _final_usage(chat: ChatRequest, served: Served) -> Usage:
+    """The usage to account: the real one, or for a call cut short, what how far it got implies."""
     if served.usage is not None:
         return served.usage
-    if phase < Phase.SENT_UPSTREAM:  # the provider never saw it
+    if not served.sent:  # the provider never saw it
         return Usage(images_in=len(chat.images))
     scanner = served.scanner  # the provider may bill it: what the stream said, else the estimate
     return _usage(chat, scanner.usage if scanner else None, scanner.images_out if scanner else 0)

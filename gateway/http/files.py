@@ -34,15 +34,20 @@ def image_links(request: web.Request, images: ImagesConfig, *, delivery: str | N
     """``Links`` when this request's images go out as links, else None (inline). ``delivery``
     (an Images API ``response_format``) wins over the ``X-Image-Delivery`` header, which wins
     over ``images`` (the team's config). InvalidRequest for a bad header, or for links asked of
-    a gateway without a signing key."""
+    a gateway without a signing key, naming the field that asked (the config cannot: it is
+    refused at load without a key)."""
     header = request.headers.get(DELIVERY_HEADER)
     if header is not None and header.strip().lower() not in ("inline", "url"):
         raise InvalidRequest(f"{DELIVERY_HEADER} must be inline or url.", param=DELIVERY_HEADER)
-    if (delivery or (header and header.strip().lower()) or images.delivery) != "url":
+    if delivery:
+        asked, by = delivery, "response_format"
+    else:
+        asked, by = (header and header.strip().lower()) or images.delivery, DELIVERY_HEADER
+    if asked != "url":
         return None
     if not images.signing_key:
-        raise InvalidRequest("Image links are not enabled on this gateway (it has no images.signing_key).",
-                             param=DELIVERY_HEADER)
+        raise InvalidRequest(f"{by}: image links are not enabled on this gateway (it has no images.signing_key).",
+                             param=by)
     return Links(request.app[IMAGE_STORAGE], LinkSigner(images.signing_key, clock=request.app[CLOCK]),
                  base_url=images.public_base_url or f"{request.scheme}://{request.host}", ttl_s=images.url_ttl_s)
 

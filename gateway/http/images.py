@@ -6,14 +6,17 @@
 Each of the ``n`` images is one chat call through ``chat.run``, the path ``/v1/chat/completions``
 takes after admission, so limits, cache, usage, metrics and the access log see them as chat
 calls: the request counts ``n`` requests and reserves ``n`` estimates, all admitted before any
-call starts (a refusal of one refuses the request, before anything reaches the provider). Input
+call starts. A refusal of one refuses the request before anything reaches the provider, and the
+ones admitted before it are released as if they never were (``Admission.release``): no request
+in the ledger, none taken from ``requests_per_minute``. Input
 images go through the chat validation (magic bytes, size, count), their errors named as the
 client sent them (``image[1]``).
 
 Partial failure: the ``n`` calls run concurrently. The answer has the images that came back
 (``data`` shorter than ``n``, header ``x-images-failed``); only when none did is the request an
 error, the first call's (the provider's error as it sent it). Every call is charged as it
-would be alone: what the provider billed, nothing for a call it refused.
+would be alone: what the provider billed, nothing for a call it refused or that never reached it
+(whether one did is each call's own ``Served.sent``, not the request's phase).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
     team, rec.key_fingerprint = snapshot.auth.identify(request)
     rec.team = team.name
     req = await _read(request, config.server.max_body_bytes, team.images.max_n, edit=edit)
+    if rec.trace is not None:
+        rec.trace.choices(req.n)
     links = image_links(request, team.images, delivery=req.response_format)
     model = req.model or (config.models[0].id if config.models else "")
     try:
@@ -72,8 +77,8 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
         with rec.span("admission"):
             for _ in range(req.n):
                 admissions.append(await app[LIMITER].admit(team, chat, deadline=deadline))
-    except BaseException:  # all or none: those admitted already are settled at no charge
-        await asyncio.shield(asyncio.gather(*(a.settle(Usage()) for a in admissions)))
+    except BaseException:  # all or none: those admitted already are undone
+        await asyncio.shield(asyncio.gather(*(a.release() for a in admissions)))
         raise
     rec.reach(Phase.ADMITTED)
     served = [Served(deadline=deadline, collect=True) for _ in admissions]

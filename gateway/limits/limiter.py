@@ -12,8 +12,10 @@ Every admission has an id. What admit.lua reserved (tokens, and the priced estim
 ``usd_per_month``) is recorded under it, so a settle trues up exactly that and is idempotent,
 and an admission the gateway gave up on (the store answered too late, or the caller was
 cancelled while its script was in flight) is released by its id once the store answers
-again, even if the late admit runs after the release. Settles and releases that fail are
-kept and retried, never dropped silently.
+again, even if the late admit runs after the release. ``Admission.release()`` is that release
+for an admission the gateway took but will not use (an n-image request refused at a later
+admission): as if it never happened, its request in requests_per_minute included. Settles and
+releases that fail are kept and retried, never dropped silently.
 
 Leases are short (``store.lease_ttl_s``) and renewed while their request lives by one
 background task per replica: every third of the ttl, one renew.lua call per team for all of
@@ -126,7 +128,7 @@ class _Plan:
     does not encode them per call) and the header values of the team's limits."""
 
     __slots__ = ("team", "account", "limited", "admit_keys", "admit_args", "tpm_key", "leases_keys",
-                 "settle_keys", "settle_args", "rpm", "tpm")
+                 "settle_args", "rpm", "tpm")
 
     def __init__(self, team: Team, account: Account | None, lease_ttl_s: float) -> None:
         self.team, self.account = team, account
@@ -137,8 +139,7 @@ class _Plan:
         keys = [(*limit_keys(name), ledger.usage_prefix(name)) for name, _, _ in scopes]
         self.tpm_key = keys[0][1]
         self.leases_keys = tuple(k[2] for k in keys)
-        self.admit_keys = tuple(k for scope in keys for k in scope)  # admit.lua KEYS[2..]
-        self.settle_keys = tuple(k for rpm, tpm, leases, usage in keys for k in (tpm, leases, usage))
+        self.admit_keys = tuple(k for scope in keys for k in scope)  # admit.lua and settle.lua KEYS[2..]
         fields = (ledger.QUOTA_TOKENS.encode(), ledger.QUOTA_MICRO.encode())
         ttls = (_arg(ledger.DAY_TTL_S), _arg(ledger.MONTH_TTL_S))
         # admit.lua ARGV[5..]: the arguments after now, tokens, micro-$ and admission id
@@ -147,8 +148,8 @@ class _Plan:
             for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.max_concurrent, q.tokens_per_day,
                       _micro_or_none(q.usd_per_day), _micro_or_none(q.usd_per_month))))
         # settle.lua ARGV[9..]
-        self.settle_args = (*ttls, *fields, _arg(MARKER_TTL_S * 1000),
-                            *(_arg(lim.tokens_per_minute) for _, lim, _ in scopes))
+        self.settle_args = (*ttls, *fields, _arg(MARKER_TTL_S * 1000), *(
+            _arg(v) for _, lim, _ in scopes for v in (lim.requests_per_minute, lim.tokens_per_minute)))
         lim = team.limits
         self.rpm = None if lim.requests_per_minute is None else str(lim.requests_per_minute)
         self.tpm = None if lim.tokens_per_minute is None else str(lim.tokens_per_minute)
@@ -160,13 +161,18 @@ class _Plan:
     def record_key(self, admission_id: str) -> str:
         return f"{ledger.team_prefix(self.team.name)}adm:{admission_id}"
 
+    def settle_keys(self, admission_id: str) -> tuple[str, ...]:
+        """settle.lua's KEYS: the admission's record, then admit.lua's keys of every scope."""
+        return (self.record_key(admission_id), *self.admit_keys)
+
 
 def _micro_or_none(usd: float | None) -> int | None:
     return None if usd is None else micro_usd(usd)
 
 
 class Admission:
-    """One admitted request: its headers and the one settle() that trues up its reservation."""
+    """One admitted request: its headers and the one settle() that trues up its reservation (or
+    the one release() that undoes it)."""
 
     __slots__ = ("limiter", "plan", "id", "date", "month", "reserved", "reserved_micro", "headers",
                  "remaining", "_settled")
@@ -188,6 +194,16 @@ class Admission:
             return
         self._settled = True
         await asyncio.shield(self.limiter._settle(self, usage, cached))
+
+    async def release(self) -> None:
+        """Instead of settle(), for an admission nothing ran on (one of an n-image request's,
+        when a later one was refused): undo it as if it never happened. Its lease, its token
+        and dollar reservations and its request in requests_per_minute come back, in the team's
+        and the account's scopes, and the ledger counts nothing. Same guarantees as settle()."""
+        if self._settled:
+            return
+        self._settled = True
+        await asyncio.shield(self.limiter._settle_call(self, self.limiter._release_args(self.plan, self.id)))
 
 
 class Limiter:
@@ -319,19 +335,11 @@ class Limiter:
 
     async def _settle(self, adm: Admission, usage: Usage, cached: bool) -> None:
         plan = adm.plan
-        live = self._live.get(plan)
-        if live is not None:
-            live.discard(adm.id)
         charged, micro = (0, 0) if cached else (usage.total, micro_usd(usage.cost_usd))
         args = (self._now_arg(), adm.id, charged, micro, adm.reserved, adm.reserved_micro, adm.date, adm.month,
                 *plan.settle_args, *ledger.increments(usage, cached=cached))
-        try:
-            r = await self.store.run_script("settle", (plan.record_key(adm.id), *plan.settle_keys), args)
-        except StoreError as e:
-            self._store_failed("settle", e)
-            self._owe((plan.record_key(adm.id), *plan.settle_keys), args)
-            return
-        if not int(r[0]):
+        r = await self._settle_call(adm, args)
+        if r is None or not int(r[0]):
             return
         adm.remaining = ledger.remaining(plan.team.quota, int(r[1]), int(r[3]))
         account = ledger.remaining(plan.account.quota, int(r[4]), int(r[6]), int(r[5])) if plan.with_account else {}
@@ -343,10 +351,28 @@ class Limiter:
                 if value is not None:
                     self.metrics.account_quota_remaining(quota, value)
 
+    async def _settle_call(self, adm: Admission, args: tuple) -> list | None:
+        """The settle.lua call (a settle or a release) that ends an admission, no longer renewed
+        from now on: its answer, or None when the store failed and the call is owed (retried)."""
+        live = self._live.get(adm.plan)
+        if live is not None:
+            live.discard(adm.id)
+        keys = adm.plan.settle_keys(adm.id)
+        try:
+            return await self.store.run_script("settle", keys, args)
+        except StoreError as e:
+            self._store_failed("settle", e)
+            self._owe(keys, args)
+            return None
+
+    def _release_args(self, plan: _Plan, admission_id: str) -> tuple:
+        """settle.lua's arguments that undo an admission by its id, as if it never happened
+        (no charge, no ledger row, its request back in requests_per_minute)."""
+        return (self._now_arg(), admission_id, b"", 0, 0, 0, b"", b"", *plan.settle_args)
+
     def _release(self, plan: _Plan, admission_id: str) -> None:
         """Undo, by its id, an admission the gateway gave up on; done by the renewal task."""
-        self._owe((plan.record_key(admission_id), *plan.settle_keys),
-                  (self._now_arg(), admission_id, b"", 0, 0, 0, b"", b"", *plan.settle_args))
+        self._owe(plan.settle_keys(admission_id), self._release_args(plan, admission_id))
 
     def _owe(self, keys: tuple, args: tuple) -> None:
         if len(self._owed) >= MAX_OWED:

@@ -1,17 +1,19 @@
 -- settle.lua: after a request, true up what admit.lua reserved, release the leases and write
 -- the usage ledger, in every scope (the team, and the account when the admission checked one),
--- in one round trip. Also the release of an admission the gateway gave up on (it never learnt
--- whether admit.lua ran): that undoes exactly what the record says was reserved, and when
--- admit.lua has not run yet, leaves the tombstone that makes it a no-op.
+-- in one round trip. Also the release of an admission, as if it never happened: one the
+-- gateway gave up on (it never learnt whether admit.lua ran), or one it took but will not use
+-- (one of an n-image request's, when a later one was refused). That undoes exactly what the
+-- record says was reserved, gives back the request it took in requests_per_minute, and writes
+-- no ledger row; when admit.lua has not run yet, it leaves the tombstone that makes it a no-op.
 --
 -- Idempotent by admission id: the first call leaves 'x' in the record, and every later call
 -- (a retry of a settle whose answer was lost, a release after a settle) changes nothing.
 -- Every argument is checked before the first write: all or nothing.
 --
 -- KEYS[1] the admission's record (see admit.lua)
--- Per scope s (1 team, 2 account; the scopes the admission was checked in):
---   KEYS[3s-1..3s+1] tpm bucket, leases, usage prefix (ledger hashes prefix..'day:YYYY-MM-DD'
---   and prefix..'month:YYYY-MM')
+-- Per scope s (1 team, 2 account; the scopes the admission was checked in), as admit.lua's:
+--   KEYS[4s-2..4s+1] rpm bucket, tpm bucket, leases, usage prefix (ledger hashes
+--   prefix..'day:YYYY-MM-DD' and prefix..'month:YYYY-MM')
 -- Per request: ARGV[1] now_ms or ''   ARGV[2] admission id
 -- ARGV[3] tokens to charge (0 for a cache hit), or '' for a release (nothing ran: no charge, no ledger)
 -- ARGV[4] micro-$ to charge   ARGV[5] tokens reserved   ARGV[6] micro-$ reserved
@@ -22,7 +24,7 @@
 -- ARGV[11] day field counting tokens against tokens_per_day
 -- ARGV[12] day and month field counting micro-$ against usd_per_day and usd_per_month
 -- ARGV[13] how long the 'x' outlives this call, ms
--- ARGV[13 + s] the tokens_per_minute of scope s, or ''
+-- ARGV[12 + 2s], ARGV[13 + 2s] the requests_per_minute and tokens_per_minute of scope s, or ''
 -- then: ledger field, increment, field, increment, ... (added to the day and the month of every scope)
 -- Returns {1 applied | 0 nothing to do, then per scope: day tokens counted against the quota,
 --          day micro-$ counted, month micro-$ counted}
@@ -39,7 +41,7 @@ local function arg(i, lo, hi, optional, real)
   return n
 end
 
-local n_scopes = (#KEYS - 1) / 3
+local n_scopes = (#KEYS - 1) / 4
 if n_scopes ~= 1 and n_scopes ~= 2 then error('settle: bad key count') end
 local now = arg(1, 0, 1e15, true, true)
 local charged = arg(3, 0, BIG, true)
@@ -47,9 +49,9 @@ local charged_micro, reserved, reserved_micro = arg(4, 0, BIG), arg(5, 0, BIG), 
 arg(9, 1, BIG)
 arg(10, 1, BIG)
 local marker_ttl = arg(13, 1, BIG)
-local tpm = {}
-for s = 1, n_scopes do tpm[s] = arg(13 + s, 1, BIG, true) end
-local pairs_from = 14 + n_scopes
+local rpm, tpm = {}, {}
+for s = 1, n_scopes do rpm[s], tpm[s] = arg(12 + 2 * s, 1, BIG, true), arg(13 + 2 * s, 1, BIG, true) end
+local pairs_from = 14 + 2 * n_scopes
 if (#ARGV - pairs_from + 1) % 2 ~= 0 then error('settle: odd ledger increments') end
 for i = pairs_from + 1, #ARGV, 2 do arg(i, -BIG, BIG) end
 local date, month = ARGV[7], ARGV[8]
@@ -67,6 +69,7 @@ elseif not charged then  -- a release that ran first: admit.lua, if it comes, wi
   return {0}
 end
 if date == '' or month == '' then error('settle: no period') end
+local release = not charged
 charged = charged or 0
 
 if not now then
@@ -76,22 +79,25 @@ end
 local MINUTE, KEEP = 60000, 60000
 local delta, delta_micro = charged - reserved, charged_micro - reserved_micro
 
+-- A GCRA bucket moved by ``cost``: a refund moves the arrival time back (never before now), an
+-- extra charge moves it forward (never refused: the work is already done).
+local function move(key, rate, cost)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  tat = math.max(now, tat + cost * MINUTE / rate)
+  if tat > now then
+    redis.call('SET', key, string.format('%.3f', tat), 'PX', int(math.ceil(tat - now) + KEEP))
+  else
+    redis.call('DEL', key)
+  end
+end
+
 local out = {1}
 for s = 1, n_scopes do
-  local k = 3 * s - 1
-  local tpm_key, leases, usage = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  -- The token bucket: a refund moves the arrival time back (never before now), an extra
-  -- charge moves it forward (never refused: the work is already done).
-  if tpm[s] and delta ~= 0 then
-    local tat = tonumber(redis.call('GET', tpm_key)) or now
-    if tat < now then tat = now end
-    tat = math.max(now, tat + delta * MINUTE / tpm[s])
-    if tat > now then
-      redis.call('SET', tpm_key, string.format('%.3f', tat), 'PX', int(math.ceil(tat - now) + KEEP))
-    else
-      redis.call('DEL', tpm_key)
-    end
-  end
+  local k = 4 * s - 2
+  local rpm_key, tpm_key, leases, usage = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  if rpm[s] and release then move(rpm_key, rpm[s], -1) end
+  if tpm[s] and delta ~= 0 then move(tpm_key, tpm[s], delta) end
 
   redis.call('ZREM', leases, ARGV[2])
 

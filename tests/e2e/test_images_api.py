@@ -18,6 +18,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.limits.limiter import limit_keys
+from gateway.store import connect
 from tests.images import decode_data_url, image_bytes, open_image
 
 MODEL = "google/gemini-3-pro-image-preview"
@@ -195,6 +197,66 @@ async def test_partial_failure_answers_what_came_back_and_charges_what_ran(gw, c
     await simulator.script(["status=400", "status=400"])
     with pytest.raises(openai.BadRequestError):  # none came back: the provider's error
         await client.images.generate(prompt="partial", n=2)
+
+
+async def usage_day(http, gw, team: str) -> dict:
+    async with http.get(gw.url + "/v1/usage", headers=gw.headers(team)) as resp:
+        assert resp.status == 200
+        return (await resp.json())["day"]
+
+
+async def test_a_request_refused_at_a_later_image_takes_nothing(start_gateway, simulator, http, store_url, store):
+    """n=3 against 2 requests a minute: the 3rd admission is refused, the 2 before it are undone."""
+    gw = await start_gateway({"pair": {"limits": {"requests_per_minute": 2, "tokens_per_minute": 100_000}}},
+                             store={"url": store_url})
+    rpm_key = limit_keys("pair")[0]
+    before, calls = await store.client.get(rpm_key), (await simulator.stats())["calls"]
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key("pair"), max_retries=0) as c:
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.images.generate(prompt="three boats", n=3)
+        assert "requests_per_minute" in err.value.message
+        assert await store.client.get(rpm_key) == before
+        day = await usage_day(http, gw, "pair")
+        assert day["requests"] == 0 and day["quota_tokens"] == 0
+        assert (await simulator.stats())["calls"] == calls
+        raw = await c.images.with_raw_response.generate(prompt="two boats", n=2)  # the minute's 2 are there
+    assert len(raw.parse().data) == 2 and raw.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_a_call_that_never_reached_the_provider_is_charged_nothing(start_gateway, simulator, http):
+    """n=2 where call 0 never leaves the gateway (another replica holds its single-flight lock
+    past the request's deadline) while call 1 is answered: only call 1 is charged."""
+    store = await connect("memory://")
+    gw = await start_gateway({"cached": {"cache": {"mode": "always"}}}, store_obj=store, upstream={"timeout_s": 2})
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key("cached"), max_retries=0) as c:
+        one = await c.images.generate(prompt="a locked boat")  # stores the entry that call 0 of n=2 looks up
+        [entry] = [k.decode() for k in await store.client.keys("gw:cache:*:entry")]
+        await store.client.delete(entry)
+        await store.client.set(entry.removesuffix(":entry") + ":lock", b"another-replica", ex=60)
+        before, calls = await usage_day(http, gw, "cached"), (await simulator.stats())["calls"]
+        raw = await c.images.with_raw_response.generate(prompt="a locked boat", n=2)
+    r = raw.parse()
+    assert len(r.data) == 1 and raw.headers["x-images-failed"] == "1"
+    assert (await simulator.stats())["calls"] == calls + 1  # call 0 never reached the provider
+    after = await usage_day(http, gw, "cached")
+    assert after["requests"] == before["requests"] + 2
+    tokens = sum(after["tokens"][k] - before["tokens"][k] for k in ("prompt", "completion"))
+    assert tokens == r.usage.total_tokens == one.usage.total_tokens  # call 1's usage; call 0 nothing, not its estimate
+
+
+async def test_links_asked_of_a_gateway_without_a_key_name_the_field_that_asked(gw, start_gateway, http):
+    plain = await start_gateway({"alpha": {}})  # no images.signing_key: links are off
+    async with openai.AsyncOpenAI(base_url=plain.url + "/v1", api_key=plain.key(), max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.images.generate(prompt="x", response_format="url")
+        assert err.value.param == "response_format"
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.images.generate(prompt="x", extra_headers={"X-Image-Delivery": "url"})
+        assert err.value.param == "X-Image-Delivery"
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            extra_headers={"X-Image-Delivery": "url"})
+        assert err.value.param == "X-Image-Delivery"
 
 
 def test_demo_prints_an_images_api_and_a_link_example_that_work():

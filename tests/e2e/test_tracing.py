@@ -290,30 +290,23 @@ def test_the_tracing_section_is_checked_with_key_paths(section, problem):
     assert info.value.problems[0].startswith(problem), info.value.problems
 
 
-def test_every_log_line_of_a_request_names_it_in_both_formats():
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), list(logging.getLogger(ACCESS_LOGGER).handlers))
-    try:
-        for fmt in ("json", "text"):
-            out = io.StringIO()
-            configure_logging(LoggingConfig(format=fmt), stream=out)
-            rec = RequestRecord("req-7", "POST", "/v1/chat/completions")
-            rec.trace_id = CLIENT_TRACE
-            logging.getLogger("gateway.test").warning("outside any request")
-            token = current_request.set(rec)
-            try:
-                logging.getLogger("gateway.test").warning("inside")
-            finally:
-                current_request.reset(token)
-            outside, inside = out.getvalue().splitlines()
-            assert "req-7" not in outside
-            if fmt == "json":
-                assert orjson.loads(inside) | {"time": None} == {
-                    "time": None, "level": "warning", "logger": "gateway.test", "message": "inside",
-                    "request_id": "req-7", "trace_id": CLIENT_TRACE}
-            else:
-                assert inside.endswith(f"warning gateway.test inside request_id=req-7 trace_id={CLIENT_TRACE}")
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        logging.getLogger(ACCESS_LOGGER).handlers[:] = saved[2]
+def test_every_log_line_of_a_request_names_it_in_both_formats(restore_logging):
+    for fmt in ("json", "text"):
+        out = io.StringIO()
+        configure_logging(LoggingConfig(format=fmt), stream=out)
+        rec = RequestRecord("req-7", "POST", "/v1/chat/completions")
+        rec.trace_id = CLIENT_TRACE
+        logging.getLogger("gateway.test").warning("outside any request")
+        token = current_request.set(rec)
+        try:
+            logging.getLogger("gateway.test").warning("inside")
+        finally:
+            current_request.reset(token)
+        outside, inside = out.getvalue().splitlines()
+        assert "req-7" not in outside
+        if fmt == "json":
+            assert orjson.loads(inside) | {"time": None} == {
+                "time": None, "level": "warning", "logger": "gateway.test", "message": "inside",
+                "request_id": "req-7", "trace_id": CLIENT_TRACE}
+        else:
+            assert inside.endswith(f"warning gateway.test inside request_id=req-7 trace_id={CLIENT_TRACE}")

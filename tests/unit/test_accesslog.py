@@ -26,13 +26,8 @@ FIELDS = ["time", "request_id", "trace_id", "method", "path", "team", "key_finge
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
-    root, access = logging.getLogger(), logging.getLogger(ACCESS_LOGGER)
-    saved = (root.level, list(root.handlers), list(access.handlers), access.propagate)
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:], access.handlers[:] = saved[1], saved[2]
-    access.propagate = saved[3]
+def _logging_restored(restore_logging):
+    """Every test here configures logging; the next test finds it as it was."""
 
 
 def configured(**kwargs) -> io.StringIO:

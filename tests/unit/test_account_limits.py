@@ -202,6 +202,21 @@ class TestAccountBehaviour:
         a = await lim.admit(team(), request())  # the account's one slot is free
         assert a.reserved == 2300
 
+    async def test_a_release_gives_the_account_its_request_back(self, store):
+        lim = Limiter(store, with_account(Limits(requests_per_minute=2, max_concurrent=5),
+                                          Quota(tokens_per_day=10**6, usd_per_day=5)), clock=Clock())
+        t = team(Limits(requests_per_minute=10))
+        first = await admit_all(lim, t, 3)
+        assert admitted(first) == 2 and first[2].limit == "account_requests_per_minute"
+        for a in first[:2]:
+            await a.release()
+        rpm, _, leases = limit_keys(None)
+        assert await store.client.exists(rpm) == 0 and await store.client.zcard(leases) == 0
+        day = (await ledger.read_usage(store, None, day=TODAY))["day"]
+        assert day["quota_tokens"] == 0 and day["quota_micro"] == 0 and day["requests"] == 0
+        assert await team_state(store, t) == (None, None, 0, 0, 0)
+        assert admitted(await admit_all(lim, t, 3)) == 2  # both of the account's requests are back
+
 
 # --- memory-only ---------------------------------------------------------------------------
 

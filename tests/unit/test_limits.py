@@ -432,6 +432,38 @@ class TestBehaviour:
         assert int((await stalled.done_result())[0]) == 0  # the late admit found the tombstone
         await assert_nothing_held(store, lim, t)
 
+    async def test_released_admissions_are_undone_as_if_they_never_happened(self, store):
+        """An n=3 request refused at its 3rd admission gives the first two back: lease,
+        reservations and requests_per_minute, and the ledger counts no request."""
+        clock = Clock()
+        t = team(Limits(requests_per_minute=2, tokens_per_minute=10_000, max_concurrent=5),
+                 Quota(tokens_per_day=10**6, usd_per_month=5))
+        lim = Limiter(store, CONFIG, clock=clock)
+        rpm_key = limit_keys(t.name)[0]
+        before = await store.client.get(rpm_key)
+        first = await admit_all(lim, t, 3)
+        assert admitted(first) == 2 and first[2].limit == "requests_per_minute"
+        for a in first[:2]:
+            await a.release()
+            await a.settle(Usage(prompt=1))  # a no-op: released already
+        assert await store.client.get(rpm_key) == before
+        day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25)))["day"]
+        assert day["requests"] == 0
+        await assert_nothing_held(store, lim, t)
+        assert admitted(await admit_all(lim, t, 2)) == 1  # assert_nothing_held took one: the bucket is full again
+
+    async def test_a_release_moves_the_request_bucket_back_never_before_now(self, store):
+        clock = Clock()
+        lim, t = Limiter(store, CONFIG, clock=clock), team(Limits(requests_per_minute=5))  # one per 12 s
+        a, b = await admit_all(lim, t, 2)
+        await (await lim.admit(t, request())).settle(Usage(prompt=1))  # it keeps its request
+        clock.advance(30)  # the bucket: 36 s ahead at T0, 6 s ahead now (4 requests left)
+        await a.release()  # 6 s ahead -> now, not 6 s before it
+        await b.release()  # stays at now
+        assert await store.client.exists(limit_keys(t.name)[0]) == 0
+        results = await admit_all(lim, t, 6)
+        assert admitted(results) == 5 and results[5].limit == "requests_per_minute"
+
     async def test_a_settle_whose_answer_was_lost_is_retried_and_counted_once(self, store):
         t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
         lossy = LossyStore(store)
