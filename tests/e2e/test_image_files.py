@@ -2,7 +2,6 @@
 over real HTTP from a gateway on a real port (images put through the app's own storage)."""
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -17,18 +16,12 @@ from gateway.http.state import IMAGE_STORAGE, RUNTIME, STORE
 from gateway.images.deliver import Links
 from gateway.images.links import LinkSigner
 from tests.images import image_bytes
+from tests.support.clock import Clock
 
 KEY = "a-signing-key-of-forty-characters-000000"
 TTL = 600
 PNG = image_bytes("PNG", size=(900, 700), noise=True)  # ~1.9 MB: read from the store in pieces
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ async def test_a_link_serves_the_image_without_a_key(served):
     assert headers["ETag"] == f'"{urlsplit(url).path.rsplit("/", 1)[1][:64]}"'
     assert headers["Cache-Control"] == f"private, max-age={TTL}"
     assert headers["Accept-Ranges"] == "bytes"
-    clock.now += 100
+    clock.advance(100)
     assert (await get(http, url))[1]["Cache-Control"] == f"private, max-age={TTL - 100}"
     status, headers, body = await get(http, url, **{"If-None-Match": headers["ETag"]})
     assert (status, body) == (304, b"")
@@ -113,11 +106,11 @@ async def test_a_tampered_or_missing_signature_is_403_invalid_signature(served, 
 async def test_an_expired_link_or_a_gone_image_is_404_image_not_found(served):
     gw, clock, links, http = served
     url = await links.link(PNG, "image/png")
-    clock.now += TTL
+    clock.advance(TTL)
     async with http.get(url) as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "image_not_found"
-    clock.now -= TTL
+    clock.advance(-TTL)
     await gw.app[STORE].delete(f"gw:img:{urlsplit(url).path.rsplit('/', 1)[1]}")
     async with http.get(url) as resp:
         assert resp.status == 404

@@ -5,7 +5,6 @@ inline); a cache hit answers with fresh links to the same stored image; a stream
 in ``delta.images``, so a 4K image's stream is a few KB."""
 from __future__ import annotations
 
-import time
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -14,17 +13,11 @@ import pytest
 
 from tests.fixtures.simulator import sse_data
 from tests.images import decode_data_url
+from tests.support.clock import Clock
 
 MODEL = "google/gemini-3-pro-image-preview"
 KEY = "an-image-link-signing-key-for-the-tests"
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -107,7 +100,7 @@ async def test_team_delivery_and_the_header_that_overrides_it(env):
 async def test_a_cache_hit_answers_with_fresh_links_to_the_same_image(env, stream):
     _, _, clock = env
     _, first_headers, first = await chat(env, "linked", prompt="a mill", stream=stream)
-    clock.now += 100
+    clock.advance(100)
     _, headers, hit = await chat(env, "linked", prompt="a mill", stream=stream)
     assert (first_headers["x-cache"], headers["x-cache"]) == ("MISS", "HIT")
     old, new = (stream_urls(r)[0] if stream else json_url(r) for r in (first, hit))

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_serve_refuses_several_workers_on_the_embedded_store(tmp_path):
     assert done.returncode != 0 and "needs a shared store" in done.stderr
 
 
-def test_demo_prints_a_working_key_and_snippets(tmp_path):
+def test_demo_prints_a_working_key_and_snippets_for_chat_images_and_links(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
     )
@@ -92,6 +93,12 @@ def test_demo_prints_a_working_key_and_snippets(tmp_path):
         r = client.chat.completions.create(model="google/gemini-3-pro-image-preview", messages=[{"role": "user", "content": "a demo"}])
         image = r.choices[0].message.model_extra["images"][0]["image_url"]["url"]
         assert open_image(decode_data_url(image)).format == "JPEG"
+        # the Images API and image links, as the demo prints them
+        assert "client.images.generate(" in text and "client.images.edit(" in text
+        assert '"response_format": "url"' in text and "X-Image-Delivery: url" in text
+        link = client.images.generate(prompt="a demo", response_format="url").data[0].url
+        with urllib.request.urlopen(link) as resp:  # no key
+            assert open_image(resp.read()).format == "JPEG"
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
