@@ -78,4 +78,7 @@ class FileWatcher:
             if now is not None and now != last:
                 last = now
                 log.info("config file %s changed; reloading", self.path)
-                await on_change()
+                try:
+                    await on_change()
+                except Exception:  # a failed reload must not end the watching: the next change may be good
+                    log.exception("config reload after a change of %s failed", self.path)

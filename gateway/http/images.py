@@ -29,6 +29,7 @@ import pybase64
 from aiohttp import web
 
 from gateway import cache as cache_mod
+from gateway import offload
 from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamBadResponse
 from gateway.http.chat import Served, charged, read_body, run
 from gateway.http.files import image_links
@@ -64,7 +65,8 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
     links = image_links(request, team.images, delivery=req.response_format)
     model = req.model or (config.models[0].id if config.models else "")
     try:
-        chat = await validate_async(orjson.dumps(openai.chat_body(req, model)), config, team.limits)
+        body = openai.chat_body(req, model)
+        chat = await validate_async(await offload.run(orjson.dumps, body, size=sum(len(url) for _, url in req.images)), config, team.limits)
     except InvalidRequest as e:  # named as the client sent it, not as the chat call it became
         param = openai.image_param(e.param, req)
         raise InvalidRequest(e.message.replace(e.param or "", param, 1), code=e.code, param=param) from None
@@ -87,6 +89,9 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
                                           for i, (adm, s) in enumerate(zip(admissions, served))),
                                         return_exceptions=True)
     finally:
+        # A call cancelled before it started never settled: undo its admission (the others are
+        # settled already, and release() is then a no-op).
+        await asyncio.shield(asyncio.gather(*(a.release() for a in admissions)))
         rec.usage = _charged(served)
     headers = {**admissions[-1].headers, "x-cache": "HIT" if all(s.cached for s in served) else decision.label.upper()}
     rec.cache = headers["x-cache"].lower()
@@ -106,7 +111,12 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
         headers["x-images-failed"] = str(len(failures))
     rec.first_byte()
     usages = [s.usage for s in served if s.usage is not None]
-    return web.json_response(openai.answer(data, usages), headers=headers, dumps=lambda o: orjson.dumps(o).decode())
+    body = await offload.run(orjson.dumps, openai.answer(data, usages), size=sum(map(_item_size, data)))
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _item_size(item: dict[str, str]) -> int:
+    return len(item.get("b64_json", ""))
 
 
 async def _item(url: str, text: str | None, links) -> dict[str, str]:
@@ -153,7 +163,7 @@ async def _read(request: web.Request, limit: int, max_n: int, *, edit: bool) -> 
         raw = await read_body(request, limit)
         request[RECORD].bytes_in = len(raw)
         try:
-            fields = orjson.loads(raw)
+            fields = await offload.run(orjson.loads, raw, size=len(raw))
         except orjson.JSONDecodeError as e:
             raise InvalidRequest(f"The request body is not valid JSON: {e.msg}", code="invalid_json") from None
         images = _json_images(fields.get("images")) if edit and isinstance(fields, dict) else ()
@@ -206,9 +216,14 @@ async def _multipart(request: web.Request, limit: int) -> tuple[dict, tuple[tupl
         elif part.name:
             fields[part.name] = _field(part.name, data.decode("utf-8", "replace"))
     several = len(files) > 1 or any(name == "image[]" for name, _, _ in files)
-    images = tuple((f"image[{i}]" if several else "image", f"data:{mime};base64,{pybase64.b64encode(data).decode()}")
-                   for i, (_, data, mime) in enumerate(files))
+    encoded = await offload.run(_encode_all, [data for _, data, _ in files], size=size)
+    images = tuple((f"image[{i}]" if several else "image", f"data:{mime};base64,{b64}")
+                   for i, ((_, _, mime), b64) in enumerate(zip(files, encoded)))
     return fields, images
+
+
+def _encode_all(files: list[bytes]) -> list[str]:
+    return [pybase64.b64encode(data).decode() for data in files]
 
 
 def _field(name: str, text: str):

@@ -7,9 +7,9 @@ its children are ``admission``, ``cache``, ``upstream`` (CLIENT: its ``tracepare
 provider) and ``relay``. Events: ``retry`` (upstream), ``first_byte``, ``stream_cut``. A request
 that failed has status ERROR with its error code as the description.
 
-An Images API request (``n`` images) is one server span with ``gen_ai.operation.name`` =
-``generate_content`` (the conventions' multimodal generation; ``chat`` is OpenAI's Chat API, which
-that request is not), ``gen_ai.output.type`` = ``image`` and ``gen_ai.request.choice.count`` = ``n``;
+An Images API request (``n`` images) is one server span with ``gen_ai.operation.name`` = ``chat``
+(the contract names one operation for every request: each becomes chat calls to the provider),
+``gen_ai.output.type`` = ``image`` and ``gen_ai.request.choice.count`` = ``n``;
 its ``n`` chat calls are each an ``upstream`` CLIENT span (``chat``, as the provider sees them),
 with their own ``cache`` and ``relay`` siblings, all children of that one server span.
 
@@ -34,9 +34,8 @@ from gateway.config import TracingConfig
 from gateway.http.record import RequestRecord
 
 # gen_ai.operation.name of the server span, by path (the GenAI conventions' well-known values)
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/images/generations": "generate_content",
-              "/v1/images/edits": "generate_content"}
-IMAGE_OPERATION = "generate_content"
+OPERATIONS = {"/v1/chat/completions": "chat", "/v1/images/generations": "chat", "/v1/images/edits": "chat"}
+IMAGE_PATHS = frozenset({"/v1/images/generations", "/v1/images/edits"})
 MAX_PATH = 200  # paths come from clients: keep attributes bounded
 _propagator = TraceContextTextMapPropagator()  # W3C traceparent/tracestate only: no baggage
 
@@ -112,7 +111,7 @@ class RequestTrace:
             attrs["gen_ai.operation.name"] = operation
             attrs["gen_ai.request.model"] = rec.model
             span.update_name(f"{operation} {rec.model}")  # the GenAI convention's span name
-            if operation == IMAGE_OPERATION:
+            if rec.path in IMAGE_PATHS:
                 attrs["gen_ai.output.type"] = "image"
             if rec.response_model:
                 attrs["gen_ai.response.model"] = rec.response_model

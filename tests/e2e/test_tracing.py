@@ -173,9 +173,9 @@ async def test_each_request_is_one_server_span_with_genai_attributes_and_its_chi
 
     t = traces["r-images"]  # one server span; each of the n chat calls its own upstream span under it
     line = access["r-images"]
-    assert t.server.name == f"generate_content {MODEL}" and t.server.kind == "server" and t.server.status == "unset"
+    assert t.server.name == f"chat {MODEL}" and t.server.kind == "server" and t.server.status == "unset"
     assert t.server.attributes | {"gateway.request_id": None} == {
-        "gen_ai.operation.name": "generate_content", "gen_ai.output.type": "image", "gen_ai.request.choice.count": 2,
+        "gen_ai.operation.name": "chat", "gen_ai.output.type": "image", "gen_ai.request.choice.count": 2,
         "gen_ai.request.model": MODEL, "gen_ai.response.model": MODEL,
         "gen_ai.usage.input_tokens": line["prompt_tokens"], "gen_ai.usage.output_tokens": line["completion_tokens"],
         "http.response.status_code": 200, "gateway.team": "alpha", "gateway.cache": "bypass",
