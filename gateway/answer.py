@@ -10,6 +10,12 @@ that, never the raw dict. Anything that does not fit raises ``UpstreamBadRespons
 A safety block (``native_finish_reason`` such as ``IMAGE_SAFETY``, or ``finish_reason:
 content_filter``; see docs) is a well-formed answer: ``Answer.blocked`` says so, so it is relayed
 as sent and never cached.
+
+``loads`` reads a 10 MB answer without building it whole: the image data URLs are cut out of
+the bytes (``gateway.bigstrings``), each checked to be a data URL of strict base64 (so the body
+is still proven to be JSON), and only the skeleton is parsed; the URLs are put back as strings
+only when the caller reads them (``image_data``). What does not fit the fast path (a data URL
+with escapes or other characters, say) is parsed whole, as before.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from gateway import bigstrings
 from gateway.errors import UpstreamBadResponse
 
 SAFETY_REASONS = frozenset({"IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "SAFETY"})
@@ -62,13 +69,39 @@ class Answer:
                    for c in self.choices)
 
 
-def loads(data: bytes | bytearray | memoryview, *, chunk: bool = False) -> Answer:
-    """``parse`` of JSON text; text that is not JSON is malformed too."""
+def loads(data: bytes | bytearray | memoryview, *, chunk: bool = False, image_data: bool = True) -> Answer:
+    """``parse`` of JSON text; text that is not JSON is malformed too.
+
+    ``image_data=False``: the caller reads no image's data URL (it relays the bytes it has), so
+    each one that was cut out reads as ``""``; the images are still counted and checked."""
+    if isinstance(data, memoryview) and len(data) > bigstrings.MIN_BYTES:
+        data = bytes(data)  # one copy at memcpy speed, for bytes.find
+    cut = bigstrings.cut(data) if len(data) > bigstrings.MIN_BYTES else None
+    view = memoryview(data)
+    if cut is not None and not all(bigstrings.base64_ok(view[start:end]) for start, end in cut.spans):
+        cut = None  # not plain base64 data URLs: let the parser judge the whole
     try:
-        obj = orjson.loads(data)
+        obj = orjson.loads(data if cut is None else cut.skeleton)
     except orjson.JSONDecodeError:
         raise UpstreamBadResponse("The upstream answered with a body that is not JSON.") from None
+    if cut is not None:
+        obj = _restore(obj, view, cut.spans, image_data)
     return parse(obj, chunk=chunk)
+
+
+def _restore(value: Any, view: memoryview, spans: tuple[tuple[int, int], ...], image_data: bool) -> Any:
+    """``value`` with each placeholder back to its string (ASCII: ``base64_ok`` said so), in place."""
+    n = bigstrings.index(value)
+    if n is not None:
+        start, end = spans[n]
+        return str(view[start:end], "ascii") if image_data else ""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _restore(item, view, spans, image_data)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            value[i] = _restore(item, view, spans, image_data)
+    return value
 
 
 def parse(obj: Any, *, chunk: bool = False) -> Answer:

@@ -10,32 +10,48 @@ The body is forwarded as the client's own bytes unless the model name has to be 
 its ``upstream_id``; only then is the parsed body re-encoded. Fields the gateway does not know
 (``seed``, ``modalities``, ``image_config``, ``user``, ...) pass through untouched.
 
-``validate_async`` runs ``validate`` in a thread for bodies over ``INLINE_MAX_BYTES``.
+Big bodies are base64 in a few strings: ``gateway.bigstrings`` cuts the image data URLs out of
+the raw bytes, only the skeleton is parsed, and each image is checked from its raw bytes (the
+body keeps a placeholder where an image's URL was; a ``data:`` string that is no image's is put
+back). Images are hashed only when the cache needs their key (``ImageFact.sha256``, on demand;
+``cache.decide_async`` does it off the event loop). ``validate_async`` runs ``validate`` in a
+thread for bodies over ``INLINE_MAX_BYTES``.
 """
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from gateway import bigstrings
 from gateway.config import Config, Limits, ModelConfig
 from gateway.errors import InvalidRequest
-from gateway.images.inputs import check_data_url
+from gateway.images.inputs import check_data_url, sha256_hex
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ImageFact:
     param: str  # where it stood: "messages[0].content[2]"
     mime: str  # image/png | image/jpeg | image/webp | image/gif
     size: int  # decoded bytes
-    sha256: str  # hex digest of the decoded bytes
+    digest: str = ""  # hex SHA-256 of the decoded bytes; "" until ``sha256`` is first read
+    url: str | memoryview = field(default="", repr=False, compare=False)  # the checked data URL (raw bytes when cut)
+
+    @property
+    def sha256(self) -> str:
+        """Hashing costs ~1 ms per MB: only a cacheable request's images are hashed."""
+        if not self.digest:
+            self.digest = sha256_hex(self.url)
+        return self.digest
 
 
 @dataclass(slots=True)
 class ChatRequest:
-    body: dict[str, Any]  # the parsed body; "model" already rewritten to the upstream id
+    body: dict[str, Any]  # the parsed body; "model" already rewritten to the upstream id; an image's
+    # data URL may be left out of it (a placeholder string): ``images`` has its facts, ``raw`` its bytes
     raw: bytes  # the bytes to send upstream (the client's own bytes when nothing changed)
     model: ModelConfig
     stream: bool
@@ -45,13 +61,16 @@ class ChatRequest:
 
 
 INLINE_MAX_BYTES = 256 * 1024  # larger bodies are validated in a thread
+_CONTROL = re.compile(rb"[\x00-\x1f]")  # never raw in a JSON string
 ROLES = ("system", "developer", "user", "assistant")
 DETAILS = ("auto", "low", "high")
 
 
 def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
+    # a body no longer than the shortest string worth cutting has none: not walked for them
+    cut = bigstrings.cut(raw) if len(raw) > bigstrings.MIN_BYTES else None
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(raw if cut is None else cut.skeleton)
     except orjson.JSONDecodeError as e:
         raise InvalidRequest(
             f"The request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
@@ -74,14 +93,15 @@ def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
             param=first_over,
         )
     max_bytes = limits.max_image_bytes
-    images = tuple(
-        ImageFact(param, *check_data_url(url, param=param, max_bytes=max_bytes))
-        for param, url in image_parts
-    )
+    used: set[int] = set()
+    images = tuple(_image(param, url, raw, cut, used, max_bytes) for param, url in image_parts)
+    if cut is not None and len(used) < len(cut.spans):
+        _restore(body, raw, cut, used)
 
     if body["model"] != model.upstream_id:
         body["model"] = model.upstream_id
-        raw = orjson.dumps(body)
+        encoded = orjson.dumps(body)
+        raw = encoded if cut is None else bigstrings.splice(encoded, raw, {n: cut.spans[n] for n in used})
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -101,6 +121,50 @@ async def validate_async(raw: bytes, config: Config, limits: Limits) -> ChatRequ
     if len(raw) > INLINE_MAX_BYTES:
         return await asyncio.to_thread(validate, raw, config, limits)
     return validate(raw, config, limits)
+
+
+def _image(param: str, url: str, raw: bytes, cut: bigstrings.Cut | None, used: set[int], max_bytes: int) -> ImageFact:
+    """The facts of one image part's data URL: the string itself, or its raw bytes when it was cut."""
+    n = None if cut is None else bigstrings.index(url)
+    if n is None:
+        return ImageFact(param, *check_data_url(url, param=param, max_bytes=max_bytes), url=url)
+    used.add(n)
+    start, end = cut.spans[n]
+    view = memoryview(raw)[start:end]
+    try:  # raw bytes of a JSON string: a space may stand between base64 characters, no tab or newline
+        return ImageFact(param, *check_data_url(view, param=param, max_bytes=max_bytes, whitespace=b" "), url=view)
+    except InvalidRequest:
+        _json_string(raw, start, end)  # bytes that are no JSON string make the body invalid JSON
+        raise
+
+
+def _restore(value: Any, raw: bytes, cut: bigstrings.Cut, used: set[int]) -> Any:
+    """``value`` with every placeholder that is no image's URL back to its string, in place."""
+    n = bigstrings.index(value)
+    if n is not None:
+        return value if n in used else _json_string(raw, *cut.spans[n])
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _restore(item, raw, cut, used)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            value[i] = _restore(item, raw, cut, used)
+    return value
+
+
+def _json_string(raw: bytes, start: int, end: int) -> str:
+    """The value of a cut string (it holds no backslash), or the invalid-JSON error orjson would give."""
+    data = bytes(raw[start:end])
+    bad = _CONTROL.search(data)
+    try:
+        if bad is None:
+            return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad_at = start + e.start
+    else:
+        bad_at = start + bad.start()
+    raise InvalidRequest(f"The request body is not valid JSON: a string holds a control character or "
+                         f"invalid UTF-8 (byte {bad_at})", code="invalid_json")
 
 
 def _bad(param: str, what: str) -> InvalidRequest:

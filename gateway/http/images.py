@@ -71,7 +71,7 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
         param = openai.image_param(e.param, req)
         raise InvalidRequest(e.message.replace(e.param or "", param, 1), code=e.code, param=param) from None
     rec.model = chat.model.id
-    decision = cache_mod.decide(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
+    decision = await cache_mod.decide_async(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
     rec.cache = decision.label
     deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s
     admissions = []

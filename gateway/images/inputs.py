@@ -1,13 +1,14 @@
 """Inline images: base64 data URLs, checked by their magic bytes (never decoded as pictures).
 
-``check_data_url`` turns ``data:<mime>;base64,<data>`` into ``(mime, decoded size, sha256 hex)``
-or raises ``InvalidRequest(code="invalid_image", param=<the part>)``. The gateway fetches
-nothing, so any other URL is refused.
+``check_data_url`` turns ``data:<mime>;base64,<data>`` (a str, or the raw bytes of the JSON
+string) into ``(mime, decoded size)`` or raises ``InvalidRequest(code="invalid_image",
+param=<the part>)``; ``sha256_hex`` hashes the decoded bytes of an accepted one, only when the
+cache needs it. The gateway fetches nothing, so any other URL is refused.
 
-The base64 is decoded in slices of ``SLICE`` characters; each decoded slice is hashed and
-dropped. So no decoded copy of a whole image ever exists, an oversized image is refused as soon
-as it crosses the limit, a wrong magic number as soon as the first slice is decoded, and a
-thread running this hands the GIL back to the event loop between slices.
+The base64 is decoded in slices of ``SLICE`` characters, each one dropped (or hashed) before the
+next. So no decoded copy of a whole image ever exists, an oversized image is refused as soon as
+it crosses the limit, a wrong magic number as soon as the first slice is decoded, and a thread
+running this hands the GIL back to the event loop between slices.
 
 Base64 must be strictly valid (``binascii.a2b_base64(strict_mode=True)``: standard alphabet,
 correct padding), except that ASCII whitespace (space, tab, CR, LF) is ignored, so the same
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from binascii import a2b_base64
+from collections.abc import Iterator
 
 import orjson
 import pybase64
@@ -36,7 +38,7 @@ FORMAT_NAMES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", 
 SLICE = 1 << 20  # base64 characters decoded at a time; a multiple of 4
 _HEAD = 12  # bytes needed to tell the formats apart (WEBP: RIFF....WEBP)
 _MAX_HEADER = 64  # characters between "data:" and the comma
-_WHITESPACE = b" \t\r\n"
+WHITESPACE = b" \t\r\n"  # ignored between base64 characters
 
 
 def _strict_b64decode(data: str | bytes | memoryview) -> bytes:
@@ -70,20 +72,28 @@ def _mb(n: int) -> str:
     return f"{n} bytes" if mb == "0" else f"{mb} MB"
 
 
-def check_data_url(url: str, *, param: str, max_bytes: int) -> tuple[str, int, str]:
-    """``(mime, decoded size, sha256 hex)`` of a base64 image data URL, or InvalidRequest."""
+def check_data_url(url: str | bytes | memoryview, *, param: str, max_bytes: int,
+                   whitespace: bytes = WHITESPACE) -> tuple[str, int]:
+    """``(mime, decoded size)`` of a base64 image data URL, or InvalidRequest.
+
+    ``url`` is the value (a str) or its raw bytes in the JSON text (a cut string: see
+    ``gateway.bigstrings``), where only a space may stand between base64 characters (a raw
+    tab or newline in a JSON string makes the body invalid JSON: pass ``whitespace=b" "``)."""
 
     def bad(what: str) -> InvalidRequest:
         return InvalidRequest(f"{param}: {what}", code="invalid_image", param=param)
 
-    if url[:5].lower() != "data:":
-        if url[:8].lower().startswith(("http://", "https://")):
+    data = _bytes(url)
+    head_b = bytes(data[:5 + _MAX_HEADER])
+    head = head_b.decode("utf-8", "replace")
+    if head[:5].lower() != "data:":
+        if head[:8].lower().startswith(("http://", "https://")):
             raise bad("remote image URLs are not fetched; send the image inline as a base64 "
                       "data URL (data:image/png;base64,...)")
         raise bad("the image must be a base64 data URL (data:<mime>;base64,<data>); "
                   "the gateway fetches no URLs")
-    comma = url.find(",", 5, 5 + _MAX_HEADER)
-    declared, sep, encoding = url[5:max(comma, 5)].lower().rpartition(";")
+    comma = head_b.find(b",", 5)
+    declared, sep, encoding = head_b[5:max(comma, 5)].decode("utf-8", "replace").lower().rpartition(";")
     if not sep or encoding != "base64":
         raise bad("the image must be a base64 data URL of the form data:<mime>;base64,<data>")
     mime = MIME_ALIASES.get(declared)
@@ -91,60 +101,74 @@ def check_data_url(url: str, *, param: str, max_bytes: int) -> tuple[str, int, s
         raise bad(f"image type {orjson.dumps(declared[:40]).decode()} is not supported; use image/png, image/jpeg, "
                   "image/webp or image/gif")
 
-    digest = hashlib.sha256()
     size = 0
-    head = b""
-    sniffed = False
+    head_bytes = b""
+    not_base64 = bad("the image's base64 is not valid (truncated, or not standard base64)")
+    for piece in _decoded(data, comma + 1, whitespace, not_base64):
+        size += len(piece)
+        if size > max_bytes:
+            estimate = max(size, (len(data) - comma - 1) * 3 // 4)
+            raise bad(f"the image is about {_mb(estimate)} decoded; the limit is "
+                      f"{_mb(max_bytes)} per image")
+        if len(head_bytes) < _HEAD:
+            head_bytes += piece[:_HEAD - len(head_bytes)]
+            if len(head_bytes) == _HEAD:
+                _check_magic(head_bytes, mime, bad)
+    if size == 0:
+        raise bad("the image data is empty")
+    if len(head_bytes) < _HEAD:
+        _check_magic(head_bytes, mime, bad)
+    return mime, size
+
+
+def sha256_hex(url: str | bytes | memoryview) -> str:
+    """The SHA-256 of the decoded bytes of a data URL that ``check_data_url`` accepted.
+
+    Slice by slice: hashlib hands the GIL back while it hashes a slice, so a thread running this
+    leaves the event loop free."""
+    data = _bytes(url)
+    digest = hashlib.sha256()
+    comma = bytes(data[:5 + _MAX_HEADER]).find(b",", 5)
+    for piece in _decoded(data, comma + 1, WHITESPACE, ValueError("not base64")):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def _bytes(url: str | bytes | memoryview) -> memoryview:
+    return memoryview(url.encode("utf-8", "surrogatepass") if isinstance(url, str) else url)
+
+
+def _decoded(data: memoryview, start: int, whitespace: bytes, not_base64: Exception) -> Iterator[bytes]:
+    """The decoded bytes of ``data[start:]``, ``SLICE`` characters at a time; raises ``not_base64``."""
     carry = b""  # slow path: the last partial 4-character group, kept for the next slice
     slow = False  # whitespace (or an error) seen: strip whitespace and re-align the groups
     padded = False  # the last group decoded ended in "=": nothing may follow
-    not_base64 = bad("the image's base64 is not valid (truncated, or not standard base64)")
-    end = len(url)
-    for start in range(comma + 1, end, SLICE):
-        text = url[start:start + SLICE]
+    for pos in range(start, len(data), SLICE):
+        text = data[pos:pos + SLICE]
         piece = None
         if not slow:
             try:
                 piece = _strict_b64decode(text)
-                group_end = text[-1]
+                last = text[-1]
             except ValueError:
                 slow = True
         if slow:
-            try:
-                data = carry + text.encode("ascii").translate(None, _WHITESPACE)
-            except UnicodeEncodeError:
-                raise not_base64 from None
-            cut = len(data) - len(data) % 4
-            carry = data[cut:]
+            chunk = carry + bytes(text).translate(None, whitespace)
+            cut = len(chunk) - len(chunk) % 4
+            carry = chunk[cut:]
             if not cut:
                 continue
             try:
-                piece = _strict_b64decode(memoryview(data)[:cut])
+                piece = _strict_b64decode(memoryview(chunk)[:cut])
             except ValueError:
                 raise not_base64 from None
-            group_end = chr(data[cut - 1])
+            last = chunk[cut - 1]
         if padded:
             raise not_base64
-        padded = group_end == "="
-        size += len(piece)
-        if size > max_bytes:
-            estimate = max(size, (end - comma - 1) * 3 // 4)
-            raise bad(f"the image is about {_mb(estimate)} decoded; the limit is "
-                      f"{_mb(max_bytes)} per image")
-        if not sniffed:
-            head += piece[:_HEAD - len(head)]
-            if len(head) >= _HEAD:
-                _check_magic(head, mime, bad)
-                sniffed = True
-        digest.update(piece)
-        del piece
+        padded = last == 0x3D  # "="
+        yield piece
     if carry:
         raise not_base64
-    if size == 0:
-        raise bad("the image data is empty")
-    if not sniffed:
-        _check_magic(head, mime, bad)
-    return mime, size, digest.hexdigest()
 
 
 def _check_magic(head: bytes, mime: str, bad) -> None:

@@ -52,13 +52,14 @@ async def error_passthrough(resp: UpstreamResponse, guard: KeyGuard, rec: Reques
                         headers=allowed_headers(resp.headers, guard.key))
 
 
-async def read_json(resp: UpstreamResponse, guard: KeyGuard) -> tuple[bytes, answer.Answer]:
-    """A 200 JSON answer, read whole (the client needs all of it anyway), checked, key-free."""
+async def read_json(resp: UpstreamResponse, guard: KeyGuard, *, image_data: bool = True) -> tuple[bytes, answer.Answer]:
+    """A 200 JSON answer, read whole (the client needs all of it anyway), checked, key-free.
+    ``image_data``: see ``answer.loads`` (False when only the bytes are relayed)."""
     body = await resp.read()
     if len(body) > OFFLOAD_PARSE_BYTES:
-        parsed = await asyncio.to_thread(answer.loads, body)
+        parsed = await asyncio.to_thread(answer.loads, body, image_data=image_data)
     else:
-        parsed = answer.loads(body)
+        parsed = answer.loads(body, image_data=image_data)
     return clean_whole(guard.stream(), body), parsed
 
 

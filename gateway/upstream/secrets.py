@@ -183,9 +183,11 @@ class KeyGuard:
     def _windows(self, buf: bytes) -> list[tuple[int, int]]:
         """Merged ranges around each escape introducer: the only places an escaped key can be."""
         reach = self._longest
-        points = [i for intro in self._introducers for i in _find_all(buf, intro)]
+        introducers = tuple(self._introducers)  # each starts with a backslash: one search finds them all
         windows: list[tuple[int, int]] = []
-        for p in sorted(points):
+        for p in _find_all(buf, b"\\"):
+            if not buf.startswith(introducers, p):
+                continue
             lo, hi = max(0, p - reach), min(len(buf), p + reach)
             if windows and lo <= windows[-1][1]:
                 windows[-1] = (windows[-1][0], hi)

@@ -171,7 +171,7 @@ class EventScanner:
         if payload == b"[DONE]":
             self.done = True
             return
-        event = answer.loads(payload, chunk=True)
+        event = answer.loads(payload, chunk=True, image_data=self.on_event is not None)
         self.events += 1
         if event.error is not None:
             self.error = event.error

@@ -458,3 +458,72 @@ def test_fast_base64_decoding_judges_exactly_as_binascii_strict_mode():
         assert _outcome(images_module._strict_b64decode, text) == expected, text
         if text.isascii():
             assert _outcome(images_module._strict_b64decode, memoryview(text.encode())) == expected, text
+
+
+# ---- big bodies: image data URLs cut out of the raw bytes, only the skeleton parsed -------------
+
+BIG = picture("PNG", (120, 120), noise=True)  # ~43 KB: its data URL is cut (over bigstrings.MIN_BYTES)
+
+
+def test_big_images_are_read_from_the_raw_bytes_and_the_bytes_forwarded_unchanged(monkeypatch):
+    loaded = []
+    real_loads = orjson.loads
+    monkeypatch.setattr(validate_module.orjson, "loads", lambda data: loaded.append(len(data)) or real_loads(data))
+    raw = encode(chat(image_part(data_url(BIG)), image_url_part(data_url(JPEG, "image/jpeg")), seed=1))
+    req = validate(raw, CONFIG, LIMITS)
+    assert req.raw is raw
+    assert loaded and loaded[0] < 2000 and len(raw) > 40_000  # the skeleton, not the whole body
+    assert [(f.param, f.mime, f.size) for f in req.images] == [
+        ("messages[0].content[1]", "image/png", len(BIG)), ("messages[0].content[2]", "image/jpeg", len(JPEG))]
+    assert [f.sha256 for f in req.images] == [hashlib.sha256(BIG).hexdigest(), hashlib.sha256(JPEG).hexdigest()]
+
+
+def test_images_are_hashed_only_when_the_hash_is_read():
+    req = validate(encode(chat(image_part(data_url(BIG)))), CONFIG, LIMITS)
+    (fact,) = req.images
+    assert fact.digest == ""
+    assert fact.sha256 == hashlib.sha256(BIG).hexdigest() == fact.digest
+
+
+def test_alias_rewrite_keeps_big_images_byte_for_byte():
+    original = chat(image_part(data_url(BIG)), image_url_part(data_url(BIG, "image/png")), model=ALIAS)
+    req = validate(encode(original), CONFIG, LIMITS)
+    assert orjson.loads(req.raw) == {**original, "model": MODEL_ID}
+
+
+def test_a_big_data_string_that_is_no_image_stays_in_the_body():
+    note = "data:text/plain," + "x" * 10_000
+    body = chat(image_part(data_url(BIG)), {"type": "text", "text": note}, metadata={"url": note}, model=ALIAS)
+    req = validate(encode(body), CONFIG, LIMITS)
+    assert req.body["metadata"] == {"url": note}
+    assert req.text_chars == len("edit this") + len(note)
+    assert orjson.loads(req.raw) == {**body, "model": MODEL_ID}
+
+
+def test_escaped_quotes_and_placeholder_lookalikes_are_not_cut():
+    # A text that spells a data URL part inside escaped quotes, and a string that spells \u0000:
+    # neither may be taken for a cut image.
+    trick = '"image": "data:image/png;base64,' + "A" * 8000 + '"'
+    body = chat(text_part(trick), image_part(data_url(BIG)), text_part("\x000"))
+    req = validate(encode(body), CONFIG, LIMITS)
+    assert [f.size for f in req.images] == [len(BIG)]
+    assert req.body["messages"][0]["content"][1]["text"] == trick
+    assert req.body["messages"][0]["content"][3]["text"] == "\x000"
+
+
+@pytest.mark.parametrize("bad", [b"\n", b"\t", b"\x01", b"\xff"])
+def test_a_raw_control_byte_in_a_big_image_is_invalid_json(bad):
+    raw = encode(chat(image_part(data_url(BIG))))
+    at = raw.index(b"base64,") + 5000
+    with pytest.raises(InvalidRequest) as caught:
+        validate(raw[:at] + bad + raw[at:], CONFIG, LIMITS)
+    assert caught.value.code == "invalid_json"
+    with pytest.raises(orjson.JSONDecodeError):  # what a JSON parser says of the same bytes
+        orjson.loads(raw[:at] + bad + raw[at:])
+
+
+def test_a_space_in_a_big_image_is_ignored_as_before():
+    raw = encode(chat(image_part(data_url(BIG))))
+    at = raw.index(b"base64,") + 5000
+    (fact,) = validate(raw[:at] + b" " + raw[at:], CONFIG, LIMITS).images
+    assert (fact.size, fact.sha256) == (len(BIG), hashlib.sha256(BIG).hexdigest())
