@@ -11,6 +11,7 @@ log line without its bytes, and a client that stalls mid-request is cut off.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import select
@@ -74,6 +75,9 @@ async def _serve_forever(app: web.Application, host: str, port: int, reuse_port:
     await site.start()
     metrics = await _start_metrics_site(app, host, reuse_port)
     bound = runner.addresses[0][1] if runner.addresses else port
+    # What start-up made (modules, config, the app) lives as long as the process: out of the
+    # collector's generations, so its full collections stop walking it again under load.
+    gc.freeze()
     print(f"gateway listening on http://{host}:{bound}", flush=True)
     await lifecycle.run(runner)
     if metrics is not None:  # scraped until the very end: the drain shows in gateway_draining

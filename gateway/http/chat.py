@@ -24,6 +24,7 @@ from gateway import cache as cache_mod
 from gateway.answer import Answer
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.body import SlicedBody
 from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, read_json, relay_sse, write_counted
 from gateway.upstream.secrets import allowed_headers
 from gateway.upstream.sse import EventScanner
@@ -72,7 +73,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.bytes_in = len(raw)
     chat = await validate_async(raw, config, team.limits)
     rec.model, rec.stream = chat.model.id, chat.stream
-    decision = cache_mod.decide(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
+    decision = await cache_mod.decide_async(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
     rec.cache = decision.label
     deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s  # the request's one deadline
     with rec.span("admission"):
@@ -107,7 +108,7 @@ async def run(request: web.Request, chat: ChatRequest, decision, admission, serv
     finally:
         usage = served.usage = _final_usage(chat, served)
         rec.usage = charged(served)
-        await asyncio.shield(admission.settle(usage, cached=served.cached))
+        await admission.settle(usage, cached=served.cached)  # shielded inside: runs to its end
 
 
 def charged(served: Served) -> Usage:
@@ -140,7 +141,7 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     """Call the upstream and relay its answer; return (response, cache entry or None)."""
     app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
-    resp = await app[UPSTREAM].open(chat.raw, request_id=rec.request_id, model=chat.model.id,
+    resp = await app[UPSTREAM].open(SlicedBody(chat.raw), request_id=rec.request_id, model=chat.model.id,
                                     deadline=served.deadline, on_sent=lambda: served.mark_sent(rec),
                                     trace=rec.trace)
     rec.response_model = chat.model.upstream_id  # unless the answer names another (JSON: read below)
@@ -184,7 +185,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
             return response, None
         collector.done()
         return response, collector.finish()
-    body, answer = await read_json(resp, guard)
+    body, answer = await read_json(resp, guard, image_data=decision.store or served.collect or served.links is not None)
     rec.response_model = answer.model or rec.response_model
     served.usage = _usage(chat, answer.usage, answer.images_out)
     _note_finish(rec, answer.native_finish_reason, answer.finish_reason)
@@ -198,7 +199,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     if served.links is not None:
         body = await rewrite_body(body, answer, served.links)
     rec.first_byte()
-    response = web.Response(body=body, content_type="application/json", headers={**upstream_headers, **headers})
+    response = web.Response(body=SlicedBody(body), content_type="application/json", headers={**upstream_headers, **headers})
     return response, entry
 
 
@@ -283,9 +284,9 @@ async def _end_broken(response: web.StreamResponse, err: Exception, rec: Request
 def _usage(chat: ChatRequest, provider_usage: dict | None, images_out: int) -> Usage:
     if provider_usage is None:
         log.warning("upstream reported no usage; charging the estimate")
-    return Usage.from_provider(
-        provider_usage, prices=chat.model.prices, images_in=len(chat.images), images_out=images_out, estimate=estimate(chat)
-    )
+    return Usage.from_provider(  # the estimate only when it stands in for the provider's
+        provider_usage, prices=chat.model.prices, images_in=len(chat.images), images_out=images_out,
+        estimate=None if isinstance(provider_usage, dict) else estimate(chat))
 
 
 def _final_usage(chat: ChatRequest, served: Served) -> Usage:
@@ -298,7 +299,7 @@ def _final_usage(chat: ChatRequest, served: Served) -> Usage:
     return _usage(chat, scanner.usage if scanner else None, scanner.images_out if scanner else 0)
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
+async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
     """The whole body, refused with 413 as soon as it is known to be over ``limit``."""
     ctype = request.headers.get("Content-Type")
     if ctype is not None:
@@ -312,8 +313,14 @@ async def read_body(request: web.Request, limit: int) -> bytearray:
     length = request.content_length
     if length is not None and length > limit:
         raise too_large
-    body = bytearray()
-    async for chunk in request.content.iter_any():
+    content = request.content
+    first = await content.readany()
+    if len(first) > limit:
+        raise too_large
+    if content.at_eof():  # the whole body came in one piece (a small one does): no copy
+        return first
+    body = bytearray(first)
+    while chunk := await content.readany():
         body += chunk
         if len(body) > limit:
             raise too_large

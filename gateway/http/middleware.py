@@ -13,6 +13,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.payload import Payload
 
 from gateway.errors import (
     GatewayError,
@@ -96,7 +97,8 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
         return web.Response(status=499)  # aiohttp drops it quietly on the closed transport
     rec.status = response.status
     if type(response) is web.Response:  # a whole body, written by aiohttp after this returns
-        rec.bytes_out += response.content_length or 0
+        body = response.body
+        rec.bytes_out += body.size if isinstance(body, Payload) else len(body or b"")
     observe(request.app, rec)
     return response
 

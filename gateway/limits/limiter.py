@@ -42,7 +42,7 @@ from gateway.config import Account, Config, Limits, Quota, Team
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
 from gateway.limits import ledger
 from gateway.store import Store, StoreError
-from gateway.usage import Usage, estimate
+from gateway.usage import Usage, cost_usd, estimate
 from gateway.validate import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,8 @@ class Limiter:
         if not plan.limited:
             return Admission(self, plan, _ids.next(), **self._local_period())
         usage = estimate(request)
-        tokens, micro = usage.total, micro_usd(usage.priced(request.model.prices).cost_usd)
+        tokens, micro = usage.total, micro_usd(cost_usd(usage.prompt, usage.completion, usage.image,
+                                                        request.model.prices))
         aid = _ids.next()
         wait = {} if deadline is None else {"timeout_s": max(0.0, deadline - asyncio.get_running_loop().time())}
         try:

@@ -10,7 +10,8 @@ In one process (the usual case) that callable adds to a plain tally (``_Tally``,
 tallies to their children whenever the whole registry is collected, so every scrape is exact.
 The request path runs on the event loop's thread; collecting may run on any (publishing only
 reads the tallies). With several workers another process reads this one's files, so there the
-callable moves the child's own value at once (``adder``, ``observer``).
+callable moves the child's own value at once (``adder``, ``observer``), writing its slot of the
+worker's file without prometheus_client's per-call lock and pid check.
 """
 from __future__ import annotations
 
@@ -24,15 +25,31 @@ from prometheus_client import Counter, Gauge, Histogram
 def adder(child: Counter | Gauge) -> Callable[[float], None]:
     """``child.inc`` for amounts the caller knows are valid (> 0 for a counter)."""
     value = getattr(child, "_value", None)
-    return value.inc if callable(getattr(value, "inc", None)) else child.inc
+    return _mmap_adder(value) or (value.inc if callable(getattr(value, "inc", None)) else child.inc)
+
+
+def _mmap_adder(value) -> Callable[[float], None] | None:
+    """With several workers, a value lives in this process' mmap file: its own inc takes the module
+    lock and checks the pid on every call (~2.5 us, ~17 times a request). The request path only
+    runs on the event loop's thread of the worker that made the value, so it writes the value's
+    slot directly (~0.4 us). None when this client keeps its values otherwise."""
+    write, key = getattr(getattr(value, "_file", None), "write_value", None), getattr(value, "_key", None)
+    if write is None or key is None or not isinstance(getattr(value, "_value", None), float):
+        return None
+
+    def add(amount: float) -> None:
+        value._value += amount
+        write(key, value._value, 0.0)
+
+    return add
 
 
 def _histogram_parts(child: Histogram) -> tuple[tuple, tuple, Callable] | None:
     """(upper bounds, each bucket's inc, the sum's inc), or None if this client keeps them elsewhere."""
     try:
         bounds = tuple(child._upper_bounds)
-        buckets = tuple(b.inc for b in child._buckets)
-        add_sum = child._sum.inc
+        buckets = tuple(_mmap_adder(b) or b.inc for b in child._buckets)
+        add_sum = _mmap_adder(child._sum) or child._sum.inc
     except AttributeError:
         return None
     if len(bounds) != len(buckets) or bounds[-1] != float("inf"):

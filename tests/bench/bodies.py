@@ -41,10 +41,12 @@ def write_bodies(workdir: Path) -> dict[str, Path]:
         "small": text_to_image("small"),
         "big_json": text_to_image("big_json"),
         "big_sse": text_to_image("big_sse", stream=True),
+        "small_sse": text_to_image("small_sse", stream=True),
         "img2k": text_to_image("img2k", image_config={"image_size": "2K"}),
         "img4k": text_to_image("img4k", image_config={"image_size": "4K"}),
         "slow": text_to_image("slow"),
         "composition": composition(),
+        "image5mb": composition(5 * 1000 * 1000, 1),  # one 2K photo to edit (issue 9: >= 0.6x)
     }
     paths = {}
     for name, body in bodies.items():

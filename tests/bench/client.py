@@ -6,6 +6,12 @@
         key), their time counted in "seconds" and their bytes in "fetched"
     python -m tests.bench.client burst --url U --body FILE --concurrency N
         N requests at once; prints JSON {"ok": n, "statuses": {...}, "errors": {...}, "wall_s": s}
+    python -m tests.bench.client load --url U --body FILE --body2 FILE2 --seconds S
+        for S seconds, FILE (the 60 MB upload) and FILE2 (a 10 MB answer) one after the other,
+        each on its own connection, concurrently; prints JSON {"done": [n, n2], "statuses": {...}}
+    python -m tests.bench.client probe --url U --body FILE --seconds S
+        small requests one after the other for S seconds; prints JSON {"ms": [...]}: each one's
+        latency. Run next to ``load``, its worst latency is the event-loop stall the big transfers cause
 
 Both send ``Authorization: Bearer <--key>`` and read every response to its end.
 """
@@ -72,6 +78,35 @@ async def sequential(url: str, body: bytes, headers: dict, count: int, fetch_lin
     return out
 
 
+async def load(url: str, bodies: list[bytes], headers: dict, seconds: float) -> dict:
+    statuses: collections.Counter = collections.Counter()
+    done = [0] * len(bodies)
+    end = time.perf_counter() + seconds
+    async with _session(len(bodies)) as session:
+
+        async def repeat(i: int) -> None:
+            while time.perf_counter() < end:
+                status, _ = await _one(session, url, bodies[i], headers)
+                statuses[str(status)] += 1
+                done[i] += 1
+
+        await asyncio.gather(*(repeat(i) for i in range(len(bodies))))
+    return {"done": done, "statuses": dict(statuses)}
+
+
+async def probe(url: str, body: bytes, headers: dict, seconds: float) -> dict:
+    latencies = []
+    end = time.perf_counter() + seconds
+    async with _session(1) as session:
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            status, _ = await _one(session, url, body, headers)
+            if status != 200:
+                raise RuntimeError(f"probe answered HTTP {status}")
+            latencies.append((time.perf_counter() - started) * 1000)
+    return {"ms": latencies}
+
+
 async def burst(url: str, body: bytes, headers: dict, concurrency: int) -> dict:
     statuses: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
@@ -92,9 +127,11 @@ async def burst(url: str, body: bytes, headers: dict, concurrency: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="bench load client")
-    p.add_argument("mode", choices=("sequential", "burst"))
+    p.add_argument("mode", choices=("sequential", "burst", "load", "probe"))
     p.add_argument("--url", required=True)
     p.add_argument("--body", required=True, type=Path)
+    p.add_argument("--body2", type=Path, help="load: the second body, sent concurrently with --body")
+    p.add_argument("--seconds", type=float, default=3.0, help="load, probe: how long")
     p.add_argument("--key", default="key-bench")
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=2000)
@@ -106,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
     if args.mode == "sequential":
         result = asyncio.run(sequential(args.url, body, headers, args.count, bool(args.fetch_links)))
+    elif args.mode == "load":
+        result = asyncio.run(load(args.url, [body, args.body2.read_bytes()], headers, args.seconds))
+    elif args.mode == "probe":
+        result = asyncio.run(probe(args.url, body, headers, args.seconds))
     else:
         result = asyncio.run(burst(args.url, body, headers, args.concurrency))
     print(json.dumps(result), flush=True)

@@ -10,6 +10,7 @@ put in front of it. Every POST gets a precomputed answer chosen by the request b
     big_sse   the same as an SSE stream, the image in ONE event, chunked encoding
     img2k     a chat.completion carrying one ~5 MB base64 image (a "2K" image), Content-Length
     img4k     a chat.completion carrying one 20 MB base64 image (a "4K" image), Content-Length
+    small_sse ``small`` as an SSE stream (4 events), chunked encoding
     slow      ``small``, but held SLOW_S seconds first
 
 Keep-alive is the default (HTTP/1.1), ``Connection: close`` is honoured, request bodies may
@@ -106,6 +107,7 @@ def build_responses() -> dict[bytes, bytes]:
         b"slow": _fixed(small),
         b"big_json": _fixed(_completion(big_url)),
         b"big_sse": _chunked(_sse_events(big_url)),
+        b"small_sse": _chunked(_sse_events(_image_url(800, 1))),
         b"img2k": _fixed(_completion(_image_url(IMG2K_B64_BYTES, 3))),
         b"img4k": _fixed(_completion(_image_url(IMG4K_B64_BYTES, 4))),
     }
