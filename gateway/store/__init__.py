@@ -1,7 +1,8 @@
 """connect(url) -> the one store interface used by limits, the usage ledger and the cache.
 
-Backends, chosen by the URL scheme (gateway/store/url.py): memory:// (fakeredis in this
-process, with Lua), redis:// and rediss:// (one node), redis+cluster:// and rediss+cluster://.
+Backends, chosen by the URL scheme (gateway/store/url.py): memory:// (the embedded store,
+gateway/store/embedded.py: plain structures in this process, the scripts run by in-process
+Lua), redis:// and rediss:// (one node), redis+cluster:// and rediss+cluster://.
 URL options (removed before the URL reaches redis-py):
 
     timeout=30                how long an operation waits by default (a caller may pass its own
@@ -110,14 +111,14 @@ class _Failed(Exception):
 
 
 class RedisStore:
-    """The Store interface over any redis-py asyncio client (fakeredis, one node, Cluster).
+    """The Store interface over a redis-py asyncio client (one node, Cluster).
 
     ``healthy`` and ``last_error`` follow the last operation that reached a verdict, for /readyz.
 
     With ``pipelined`` (one Redis node), scripts issued in one event-loop tick share one
     pipeline (batch.Batcher), each batch guarded like one call and each caller still answered
-    on its own. Without it (fakeredis, where there is no round trip to save, and Cluster, whose
-    redis-py pipeline refuses EVALSHA) every operation is its own call.
+    on its own. Without it (Cluster, whose redis-py pipeline refuses EVALSHA) every operation
+    is its own call.
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class RedisStore:
         pipelined: bool = False,
     ) -> None:
         self.client = client
-        self.kind = kind  # memory | redis | cluster
+        self.kind = kind  # redis | cluster
         self.timeout_s = timeout_s  # a caller's patience unless it says otherwise
         self.on_error = on_error
         self.healthy = True
@@ -307,7 +308,7 @@ async def connect(
     timeout_s: float | None = None,
     socket_timeout_s: float | None = None,
     on_error: Callable[[str], None] | None = None,
-) -> RedisStore:
+) -> Store:
     """Open the store named by ``url`` (see gateway/store/url.py). No I/O happens here: a Redis
     that is down at start shows as StoreError on first use (and in /readyz), not as a failed start.
 
@@ -316,5 +317,9 @@ async def connect(
     whatever its ``StoreError.down``.
     """
     c = open_client(url, timeout_s=timeout_s, socket_timeout_s=socket_timeout_s)
+    if c.kind == "memory":
+        from gateway.store.embedded import EmbeddedStore  # lupa only when the embedded store is used
+
+        return EmbeddedStore(on_error=on_error)
     return RedisStore(c.client, kind=c.kind, timeout_s=c.timeout_s, max_inflight=c.max_inflight,
                       on_error=on_error, pipelined=c.kind == "redis")

@@ -1,6 +1,6 @@
-"""store.url -> the redis-py client behind the store, and how long to wait on it.
+"""store.url -> the redis-py client behind the store (none for memory://), and how long to wait on it.
 
-    memory://                     fakeredis in this process (with Lua): one process only
+    memory://                     the embedded store in this process (gateway/store/embedded.py)
     redis://[:pw@]host:port/db    one Redis node (rediss:// for TLS)
     redis+cluster://host:port[,host:port...]   Redis Cluster (rediss+cluster:// for TLS)
 
@@ -26,7 +26,7 @@ MAX_INFLIGHT = 64
 
 
 class Client(NamedTuple):
-    client: Any
+    client: Any  # None for memory://
     kind: str  # memory | redis | cluster
     timeout_s: float
     max_inflight: int
@@ -43,11 +43,8 @@ def open_client(url: str, *, timeout_s: float | None = None, socket_timeout_s: f
     # neither a burst nor a connection lost to a cancelled call inside redis-py can exhaust it:
     # an exhausted redis-py pool fails the call instead of waiting.
     pool_size = 2 * inflight + 16
-    if scheme == "memory":
-        import fakeredis  # embedded store only; not imported when Redis is configured
-
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), max_connections=pool_size)
-        return Client(client, "memory", timeout, inflight)
+    if scheme == "memory":  # no client: the embedded store holds its own data
+        return Client(None, "memory", timeout, inflight)
 
     sock = socket_timeout_s or ours.get("socket_timeout", SOCKET_TIMEOUT_S)
     common: dict[str, Any] = {

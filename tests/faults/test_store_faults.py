@@ -22,7 +22,7 @@ async def _store_errors(http: aiohttp.ClientSession, gw) -> str:
 
 
 async def test_memory_store_records_every_settle_of_2000_concurrent_requests(simulator_process, processes, http):
-    """memory:// (fakeredis in the gateway's process): its client pool once held 100
+    """memory:// (the embedded store in the gateway's process; once fakeredis): its client pool once held 100
     connections, and every store call past the 100th in flight failed (1,636 of 2,000 settles
     lost, or 1,900 x 503 with ``on_error: closed``)."""
     teams = {"crowd": {"limits": {"requests_per_minute": 10**6}}}  # admitted through the store too
