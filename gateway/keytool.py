@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from gateway.config.loader import TEAM_NAME
+from gateway.config.schema import TEAM_NAME
 
 
 def hash_key(key: str) -> str:

@@ -9,8 +9,8 @@ from typing import Any, Callable
 OFFLOAD_BYTES = 1 << 20  # above this much input, the work leaves the event loop
 
 
-async def run(fn: Callable[..., Any], *args: Any, size: int) -> Any:
-    """``fn(*args)``, in a thread when ``size`` (the bytes it works on) is over OFFLOAD_BYTES."""
-    if size > OFFLOAD_BYTES:
+async def run(fn: Callable[..., Any], *args: Any, size: int, threshold: int = OFFLOAD_BYTES) -> Any:
+    """``fn(*args)``, in a thread when ``size`` (the bytes it works on) is over ``threshold``."""
+    if size > threshold:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)

@@ -15,18 +15,17 @@ the raw bytes, only the skeleton is parsed, and each image is checked from its r
 body keeps a placeholder where an image's URL was; a ``data:`` string that is no image's is put
 back). Images are hashed only when the cache needs their key (``ImageFact.sha256``, on demand;
 ``cache.decide_async`` does it off the event loop). ``validate_async`` runs ``validate`` in a
-thread for bodies over ``INLINE_MAX_BYTES``.
+thread (``gateway.offload``) for bodies over ``INLINE_MAX_BYTES``.
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway import bigstrings
+from gateway import bigstrings, offload
 from gateway.config import Config, Limits, ModelConfig
 from gateway.errors import InvalidRequest
 from gateway.images.inputs import check_data_url, sha256_hex
@@ -60,7 +59,7 @@ class ChatRequest:
     max_completion_tokens: int | None  # max_completion_tokens, else max_tokens, else None
 
 
-INLINE_MAX_BYTES = 256 * 1024  # larger bodies are validated in a thread
+INLINE_MAX_BYTES = 256 * 1024  # larger bodies are validated in a thread (below offload's rule: every byte is decoded)
 _CONTROL = re.compile(rb"[\x00-\x1f]")  # never raw in a JSON string
 ROLES = ("system", "developer", "user", "assistant")
 DETAILS = ("auto", "low", "high")
@@ -118,9 +117,7 @@ def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
 
 async def validate_async(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
     """``validate``, off the event loop for large bodies (base64 checks of up to 100 MB)."""
-    if len(raw) > INLINE_MAX_BYTES:
-        return await asyncio.to_thread(validate, raw, config, limits)
-    return validate(raw, config, limits)
+    return await offload.run(validate, raw, config, limits, size=len(raw), threshold=INLINE_MAX_BYTES)
 
 
 def _image(param: str, url: str, raw: bytes, cut: bigstrings.Cut | None, used: set[int], max_bytes: int) -> ImageFact:
@@ -167,7 +164,8 @@ def _json_string(raw: bytes, start: int, end: int) -> str:
                          f"invalid UTF-8 (byte {bad_at})", code="invalid_json")
 
 
-def _bad(param: str, what: str) -> InvalidRequest:
+def invalid(param: str, what: str) -> InvalidRequest:
+    """The 400 for one field: its message starts with the field's path, ``param`` names it."""
     return InvalidRequest(f"{param}: {what}", param=param)
 
 
@@ -196,9 +194,9 @@ def _show(value: str, limit: int = 60) -> str:
 def _model(body: dict[str, Any], config: Config) -> ModelConfig:
     name = body.get("model")
     if name is None:
-        raise _bad("model", "is required")
+        raise invalid("model", "is required")
     if not isinstance(name, str):
-        raise _bad("model", f"must be a string, not {_kind(name)}")
+        raise invalid("model", f"must be a string, not {_kind(name)}")
     model = config.model(name)
     if model is None:
         available = ", ".join(
@@ -216,23 +214,23 @@ def _messages(body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
     """Check every message and part; return the text length and the (param, url) of each image."""
     messages = body.get("messages")
     if messages is None:
-        raise _bad("messages", "is required")
+        raise invalid("messages", "is required")
     if not isinstance(messages, list):
-        raise _bad("messages", f"must be an array of messages, not {_kind(messages)}")
+        raise invalid("messages", f"must be an array of messages, not {_kind(messages)}")
     if not messages:
-        raise _bad("messages", "must not be empty")
+        raise invalid("messages", "must not be empty")
     text_chars = 0
     images: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         here = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(here, f"must be an object with role and content, not {_kind(message)}")
+            raise invalid(here, f"must be an object with role and content, not {_kind(message)}")
         role = message.get("role")
         if role is None:
-            raise _bad(f"{here}.role", f"is required (one of {', '.join(ROLES)})")
+            raise invalid(f"{here}.role", f"is required (one of {', '.join(ROLES)})")
         if not isinstance(role, str) or role not in ROLES:
             shown = _show(role) if isinstance(role, str) else _kind(role)
-            raise _bad(f"{here}.role", f"{shown} is not a valid role; use one of {', '.join(ROLES)}")
+            raise invalid(f"{here}.role", f"{shown} is not a valid role; use one of {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, str):
             text_chars += len(content)
@@ -241,30 +239,30 @@ def _messages(body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
         elif content is None and role == "assistant":
             pass
         elif content is None:
-            raise _bad(f"{here}.content", f"is required for a {role} message")
+            raise invalid(f"{here}.content", f"is required for a {role} message")
         else:
-            raise _bad(f"{here}.content", f"must be a string or an array of content parts, not {_kind(content)}")
+            raise invalid(f"{here}.content", f"must be a string or an array of content parts, not {_kind(content)}")
     return text_chars, images
 
 
 def _parts(parts: list[Any], where: str, images: list[tuple[str, str]]) -> int:
     if not parts:
-        raise _bad(where, "must not be an empty array")
+        raise invalid(where, "must not be an empty array")
     text_chars = 0
     for j, part in enumerate(parts):
         here = f"{where}[{j}]"
         if not isinstance(part, dict):
-            raise _bad(here, f"a content part must be an object, not {_kind(part)}")
+            raise invalid(here, f"a content part must be an object, not {_kind(part)}")
         kind = part.get("type")
         if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
-                raise _bad(f"{here}.text", f"must be a string, not {_kind(text)}")
+                raise invalid(f"{here}.text", f"must be a string, not {_kind(text)}")
             text_chars += len(text)
         elif kind == "image":
             url = part.get("image")
             if not isinstance(url, str):
-                raise _bad(f"{here}.image", f"must be a data URL string, not {_kind(url)}")
+                raise invalid(f"{here}.image", f"must be a data URL string, not {_kind(url)}")
             images.append((here, url))
         elif kind == "image_url":
             image_url = part.get("image_url")
@@ -273,19 +271,19 @@ def _parts(parts: list[Any], where: str, images: list[tuple[str, str]]) -> int:
             elif isinstance(image_url, dict):
                 url = image_url.get("url")
                 if not isinstance(url, str):
-                    raise _bad(f"{here}.image_url.url", f"must be a data URL string, not {_kind(url)}")
+                    raise invalid(f"{here}.image_url.url", f"must be a data URL string, not {_kind(url)}")
                 detail = image_url.get("detail")
                 if detail is not None and detail not in DETAILS:
                     shown = _show(detail) if isinstance(detail, str) else _kind(detail)
-                    raise _bad(f"{here}.image_url.detail", f"{shown} is not valid; use auto, low or high")
+                    raise invalid(f"{here}.image_url.detail", f"{shown} is not valid; use auto, low or high")
             else:
-                raise _bad(f"{here}.image_url", f"must be an object with a url, not {_kind(image_url)}")
+                raise invalid(f"{here}.image_url", f"must be an object with a url, not {_kind(image_url)}")
             images.append((here, url))
         elif kind is None:
-            raise _bad(f"{here}.type", "is required (text, image or image_url)")
+            raise invalid(f"{here}.type", "is required (text, image or image_url)")
         else:
             shown = _show(kind) if isinstance(kind, str) else _kind(kind)
-            raise _bad(here, f"content part type {shown} is not supported; use text, image or image_url")
+            raise invalid(here, f"content part type {shown} is not supported; use text, image or image_url")
     return text_chars
 
 
@@ -301,28 +299,28 @@ def _parameters(body: dict[str, Any], model: ModelConfig) -> None:
         if value is None:
             continue
         if not _is_number(value):
-            raise _bad(name, f"must be a number from {low} to {high}, not {_kind(value)}")
+            raise invalid(name, f"must be a number from {low} to {high}, not {_kind(value)}")
         if not low <= value <= high:
-            raise _bad(name, f"must be from {low} to {high}; got {value}")
+            raise invalid(name, f"must be from {low} to {high}; got {value}")
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, float):
-            raise _bad(name, f"must be a positive integer; got {value}")
+            raise invalid(name, f"must be a positive integer; got {value}")
         if not isinstance(value, int) or isinstance(value, bool):
-            raise _bad(name, f"must be a positive integer, not {_kind(value)}")
+            raise invalid(name, f"must be a positive integer, not {_kind(value)}")
         if value < 1:
-            raise _bad(name, f"must be a positive integer; got {value}")
+            raise invalid(name, f"must be a positive integer; got {value}")
         if value > model.max_completion_tokens:
-            raise _bad(name, f"must be at most {model.max_completion_tokens} for model {model.id}; got {value}")
+            raise invalid(name, f"must be at most {model.max_completion_tokens} for model {model.id}; got {value}")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _bad("stream", f"must be a boolean, not {_kind(stream)}")
+        raise invalid("stream", f"must be a boolean, not {_kind(stream)}")
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
         shown = n if _is_number(n) else _kind(n)
-        raise _bad("n", f"must be 1 (the model returns one choice per request); got {shown}")
+        raise invalid("n", f"must be 1 (the model returns one choice per request); got {shown}")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _bad("stream_options", f"must be an object, not {_kind(options)}")
+        raise invalid("stream_options", f"must be an object, not {_kind(options)}")

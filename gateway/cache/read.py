@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import pybase64
 
-from gateway.cache.entry import SLICE_BYTES, CacheEntry, EntryFormatError, Plan, fill, json_plan, sse_plan
+from gateway.cache.entry import CacheEntry, EntryFormatError
+from gateway.cache.replay import SLICE_BYTES, Plan, fill, json_plan, sse_plan
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, StoreError
 

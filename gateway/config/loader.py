@@ -1,8 +1,8 @@
-"""YAML text -> ``Config``: environment substitution, a schema walk, cross-checks.
+"""YAML text -> ``Config``: environment substitution, a schema walk, cross-checks, building.
 
-The schema is data (``_SCHEMA``): each key maps to a check ``(value, path, problems) -> value``.
-Leaf checks come from ``_rule``; ``_record`` and ``_list_of`` compose them and report unknown
-keys. Every problem is collected as ``key.path: what is wrong`` and raised together at the end.
+The walk is ``gateway.config.schema.SCHEMA``; the checks that span keys (unique names, images'
+signing key and S3 rules) are here. Every problem is collected as ``key.path: what is wrong``
+and raised together at the end.
 
 ``${VAR}`` / ``${VAR:-default}`` (default also when VAR is empty; ``$${`` is a literal ``${``)
 are replaced in the raw text. An unset variable or a malformed reference becomes a sentinel
@@ -11,173 +11,25 @@ Values are never echoed into problems: they may be secrets.
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import math
 import os
 import re
 import secrets
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from gateway import config as c
+from gateway.config.schema import SCHEMA, SKIP, UNSET, join
 
-Check = Callable[[Any, str, list[str]], Any]
-_SKIP = object()  # "leave this key out": a bad value (already reported), an absent section
-_UNSET = object()  # a value that used an unset variable (already reported)
-TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # `$${` (an escaped `$`) | `${VAR}` or `${VAR:-default}` | anything else after `${` (malformed)
 _REF = re.compile(r"\$(\$)(?=\{)|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{[^}\n]*\}?")
 DEFAULT_MODEL = c.ModelConfig(
     id=c.DEFAULT_MODEL_ID, upstream_id=c.DEFAULT_MODEL_ID,
     aliases=("gemini-3-pro-image-preview",), prices=c.Prices(2.0, 12.0, 120.0))
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-# ---- leaf checks: each reports "<path>: <message>" and returns _SKIP when the value is bad
-def _rule(test: Callable[[Any], Any], message: str, convert: Callable = lambda v: v) -> Check:
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        try:
-            if test(value):
-                return convert(value)
-        except (ValueError, OverflowError):  # float(10**400)
-            pass
-        problems.append(f"{path}: {message}")
-        return _SKIP
-    return check
-
-
-def _text(pattern: str, message: str, convert: Callable = lambda v: v) -> Check:
-    rx = re.compile(pattern, re.S)
-    return _rule(lambda v: isinstance(v, str) and rx.fullmatch(v) is not None, message, convert)
-
-
-def _one_of(*choices: str) -> Check:
-    return _text("|".join(map(re.escape, choices)), "must be one of: " + ", ".join(choices))
-
-
-def _nullable(check: Check) -> Check:  # null = unlimited, e.g. to lift an inherited limit
-    return lambda v, path, problems: None if v is None else check(v, path, problems)
-
-
-def _is_num(v: Any) -> bool:  # `type(v) is int`, not isinstance: YAML true must not pass as 1
-    return type(v) is int or type(v) is float and math.isfinite(v)
-
-
-POS_INT = _rule(lambda v: type(v) is int and v > 0, "must be a positive integer")
-COUNT = _rule(lambda v: type(v) is int and v >= 0, "must be an integer >= 0")
-PORT = _rule(lambda v: type(v) is int and 0 <= v <= 65535,
-             "must be an integer from 0 to 65535 (0 = any free port)")
-METRICS_PORT = _rule(lambda v: type(v) is int and 0 < v <= 65535,  # every worker binds the same one
-                     "must be an integer from 1 to 65535, or null (metrics on server.port)")
-POS_NUM = _rule(lambda v: _is_num(v) and v > 0, "must be a positive number", float)
-PRICE = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
-NON_NEG_NUM = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
-BOOL = _rule(lambda v: type(v) is bool, "must be true or false")
-TEXT = _text(r".*\S.*", "must be a non-empty string")
-ANY_TEXT = _text(r".*", "must be a string")
-URL_PATH = _text(r"/.*", "must start with /")
-BASE_URL = _text(r"(?!.*/v1/?$)https?://[^/\s]+(/\S*)?", "must be an http:// or https:// URL of "
-                 "the host root, without /v1 (the gateway appends /v1/chat/completions)")
-STORE_URL = _text(r"(memory|redis|rediss|redis\+cluster)://.*",
-                  "must start with memory://, redis://, rediss:// or redis+cluster://")
-NAME = _text(TEAM_NAME.pattern, "must be letters, digits, '_', '.' or '-'")
-KEY_HASH = _text(r"sha256:[0-9a-fA-F]{64}", "must be 'sha256:' and 64 hex digits, never a raw "
-                 "key; make a key and its hash with `gateway keys new --team NAME`",
-                 lambda v: v[7:].lower())
-
-
-# ---- composite checks ----------------------------------------------------------------------
-def _record(fields: dict[str, Check], required: tuple[str, ...] = ()) -> Check:
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        if value is None:  # `server:` with everything below commented out
-            value = {}
-        if not isinstance(value, dict):
-            problems.append(f"{path or 'config'}: must be a mapping")
-            return _SKIP
-        out = {}
-        for key, v in value.items():
-            if key not in fields:
-                near = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f"did you mean '{near[0]}'?" if near else "known keys: " + ", ".join(fields)
-                problems.append(f"{_join(path, key)}: unknown key ({hint})")
-            elif v is not _UNSET and (r := fields[key](v, _join(path, key), problems)) is not _SKIP:
-                out[key] = r
-        problems.extend(f"{_join(path, k)}: is required" for k in required if k not in value)
-        return out
-    return check
-
-
-def _list_of(item: Check) -> Check:
-    """A list keeps ``_SKIP`` in place of bad items so that later paths keep their index."""
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        if value is None:
-            return _SKIP
-        if not isinstance(value, list):
-            problems.append(f"{path}: must be a list")
-            return _SKIP
-        return [_SKIP if v is _UNSET else item(v, f"{path}[{i}]", problems)
-                for i, v in enumerate(value)]
-    return check
-
-
-_LIMITS = {"requests_per_minute": _nullable(POS_INT), "tokens_per_minute": _nullable(POS_INT),
-           "max_concurrent": _nullable(POS_INT), "max_images_per_request": POS_INT,
-           "max_image_mb": POS_NUM}
-_CACHE = {"mode": _one_of("off", "deterministic", "always"), "ttl_s": POS_INT,
-          "max_entry_mb": POS_NUM, "scope": _one_of("team", "global")}
-_IMAGES_TEAM = {"delivery": _one_of("inline", "url"), "url_ttl_s": POS_INT, "max_n": POS_INT,
-                "public_base_url": _nullable(_text(r"https?://[^/\s]+(/\S*)?", "must be an http:// or "
-                                                   "https:// URL", lambda v: v.rstrip("/")))}
-_IMAGES = {**_IMAGES_TEAM, "signing_key": _rule(lambda v: v is None or isinstance(v, str), "must be a string",
-                                                lambda v: v or ""),  # empty: ${VAR:-} unset
-           "storage": _text(r"store|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?",
-                            "must be store or s3://bucket/prefix"),
-           "s3": _record({"endpoint_url": _nullable(_text(r"https?://\S+", "must be an http:// or https:// URL")),
-                          "region": _nullable(TEXT), "presign": BOOL})}
 MIN_SIGNING_KEY = 32  # characters: an HMAC key must not be guessable
 MAX_PRESIGN_S = 7 * 86400  # SigV4 presigned URLs live at most a week
-_SCHEMA = _record({
-    "server": _record({"host": TEXT, "port": PORT, "max_body_mb": POS_NUM,
-                       "metrics_path": URL_PATH, "metrics": BOOL, "metrics_port": _nullable(METRICS_PORT),
-                       "read_timeout_s": POS_NUM, "drain_delay_s": NON_NEG_NUM,
-                       "shutdown_timeout_s": POS_NUM, "watch_config": BOOL}),
-    "upstream": _record({"base_url": BASE_URL, "api_key": ANY_TEXT, "timeout_s": POS_NUM,
-                         "connect_timeout_s": POS_NUM, "max_retries": COUNT}),
-    "models": _list_of(_record({
-        "id": TEXT, "aliases": _list_of(TEXT), "upstream_id": TEXT,
-        "prices_usd_per_million": _record({"prompt": PRICE, "completion": PRICE, "image": PRICE}),
-        "default_completion_tokens": POS_INT, "max_completion_tokens": POS_INT},
-        required=("id",))),
-    "limits_defaults": _record(_LIMITS),
-    "store": _record({"url": STORE_URL, "on_error": _one_of("open", "closed"),
-                      "lease_ttl_s": POS_NUM}),
-    "cache": _record(_CACHE),
-    "teams": _list_of(_record({
-        "name": NAME, "keys": _list_of(KEY_HASH), "limits": _record(_LIMITS),
-        "quota": _record({"tokens_per_day": _nullable(POS_INT),
-                          "usd_per_month": _nullable(POS_NUM)}),
-        "cache": _record(_CACHE), "images": _record(_IMAGES_TEAM)}, required=("name",))),
-    "admin": _record({"keys": _list_of(KEY_HASH)}),
-    "account": _record({
-        "limits": _record({k: _nullable(POS_INT) for k in ("requests_per_minute", "tokens_per_minute",
-                                                            "max_concurrent")}),
-        "quota": _record({"tokens_per_day": _nullable(POS_INT), "usd_per_day": _nullable(POS_NUM),
-                          "usd_per_month": _nullable(POS_NUM)})}),
-    "images": _record(_IMAGES),
-    "logging": _record({"level": _one_of("debug", "info", "warning", "error"),
-                        "format": _one_of("json", "text"), "access_log": BOOL}),
-    "tracing": _record({"otlp_endpoint": _text(r"https?://[^/\s]+(/\S*)?", "must be an http:// or https:// "
-                                               "URL (the collector's base; traces go to <it>/v1/traces)"),
-                        "sample_ratio": _rule(lambda v: _is_num(v) and 0 <= v <= 1, "must be a number from 0 to 1",
-                                              float),
-                        "service_name": TEXT}, required=("otlp_endpoint",)),
-})
 _SIMPLE = {"server": c.ServerConfig, "upstream": c.UpstreamConfig, "store": c.StoreConfig,
            "cache": c.CacheConfig, "limits_defaults": c.Limits, "logging": c.LoggingConfig}
 
@@ -192,13 +44,13 @@ def _unique(items: list[tuple[str, Any]], what: str, problems: list[str]) -> Non
 
 
 def _present(items: Any) -> list[tuple[int, Any]]:
-    return [(i, v) for i, v in enumerate(items or ()) if v is not _SKIP]
+    return [(i, v) for i, v in enumerate(items or ()) if v is not SKIP]
 
 
 def _check(data: Any, problems: list[str]) -> c.Config:
     """Walk, cross-check and build; raise ``ConfigError`` with ``problems`` if there are any."""
-    tree = _SCHEMA({} if data is None else data, "", problems)
-    if tree is _SKIP:
+    tree = SCHEMA({} if data is None else data, "", problems)
+    if tree is SKIP:
         raise c.ConfigError(problems)
     models, teams = tree.get("models"), _present(tree.get("teams"))
     if models == []:
@@ -315,18 +167,18 @@ def _substitute(text: str, env: Mapping[str, str]) -> tuple[str, dict[str, tuple
 
 
 def _mark_unresolved(node: Any, path: str, pending: dict, problems: list[str]) -> Any:
-    """Report each sentinel at its key path and replace its value with ``_UNSET``."""
+    """Report each sentinel at its key path and replace its value with ``UNSET``."""
     def report(s: str, where: str) -> bool:
         hits = [what for sentinel, (_, what) in pending.items() if sentinel in s]
         problems.extend(f"{where or 'config'}: {what}" for what in hits)
         return bool(hits)
 
     if isinstance(node, dict):
-        return {k: _mark_unresolved(v, _join(path, k), pending, problems)
-                for k, v in node.items() if not (isinstance(k, str) and report(k, _join(path, k)))}
+        return {k: _mark_unresolved(v, join(path, k), pending, problems)
+                for k, v in node.items() if not (isinstance(k, str) and report(k, join(path, k)))}
     if isinstance(node, list):
         return [_mark_unresolved(v, f"{path}[{i}]", pending, problems) for i, v in enumerate(node)]
-    return _UNSET if isinstance(node, str) and report(node, path) else node
+    return UNSET if isinstance(node, str) and report(node, path) else node
 
 
 def _read_yaml(text: str) -> tuple[Any, list[str]]:

@@ -8,23 +8,28 @@ event's ``choices[i].delta.images[j].image_url.url``: everything else stays byte
 Both work on the bytes: the answer is parsed once (``gateway.answer``, which the relay has done
 already for a body), each data URL is found in the bytes by its text and the link spliced in,
 so a 10 MB body is never re-encoded. Only a body whose URLs are spelled with JSON escapes
-(``\\/``) is parsed again and re-dumped. Finding and decoding a big image (pybase64) runs in a
-thread, off the event loop. A data URL that is not a base64 PNG/JPEG/WebP/GIF is left as it is;
+(``\\/``) is parsed again and re-dumped. Finding and decoding a big image runs off the event
+loop (``gateway.offload``). A data URL that is not a base64 PNG/JPEG/WebP/GIF is left as it is;
 so is every image when the storage fails (the answer is paid for: it still reaches the client).
 """
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import Iterator
 
 import orjson
-import pybase64
 
-from gateway import answer
-from gateway.images.inputs import MIME_ALIASES, sniff
+from gateway import answer, offload
+from gateway.images.inputs import (
+    MIME_ALIASES,
+    decode_data_url,
+    image_data_url,
+    image_data_urls,
+    sniff,
+)
 from gateway.images.links import LinkSigner
-from gateway.images.storage import EXTENSIONS, OFFLOAD_BYTES, ImageStorage
+from gateway.images.storage import EXTENSIONS, ImageStorage
 from gateway.store import StoreError
 from gateway.upstream.sse import count_images, event_data
 
@@ -48,7 +53,7 @@ class Links:
 
     async def link_data_url(self, url: str) -> str | None:
         """The link for a base64 image data URL, or None to leave it as it is."""
-        image = await asyncio.to_thread(decode, url) if len(url) > OFFLOAD_BYTES else decode(url)
+        image = await offload.run(_linkable, url, size=len(url))
         if image is None:
             return None
         try:
@@ -58,29 +63,19 @@ class Links:
             return None
 
 
-def decode(url: str) -> tuple[bytes, str] | None:
+def _linkable(url: str) -> tuple[bytes, str] | None:
     """(bytes, MIME type) of a base64 data URL of an image type links serve, else None."""
-    head, comma, data = url.partition(",")
-    if not comma or len(head) > _HEAD or not head.lower().endswith(";base64"):
+    decoded = decode_data_url(url, strict=True)
+    if decoded is None:
         return None
-    try:
-        raw = pybase64.b64decode(data, validate=True)
-    except ValueError:
-        return None
-    mime = sniff(raw[:12]) or MIME_ALIASES.get(head[5:-7].lower())
+    declared, raw = decoded
+    mime = sniff(raw[:12]) or MIME_ALIASES.get(declared)
     return (raw, mime) if mime in EXTENSIONS else None
-
-
-def _data_url(part: dict) -> str | None:
-    """An image part's ``image_url.url`` if it is a data URL."""
-    image_url = part.get("image_url")
-    url = image_url.get("url") if isinstance(image_url, dict) else None
-    return url if isinstance(url, str) and url[:5].lower() == "data:" else None
 
 
 def _data_urls(parsed: answer.Answer) -> Iterator[str]:
     for choice in parsed.choices:
-        yield from filter(None, map(_data_url, choice.images))
+        yield from filter(None, image_data_urls(choice))
 
 
 def _locate(body: bytes | bytearray, urls: list[str], start: int) -> list[tuple[int, int]] | None:
@@ -106,8 +101,7 @@ async def rewrite_body(body: bytes | bytearray, parsed: answer.Answer, links: Li
     urls = list(_data_urls(parsed))
     if not urls:
         return bytes(body)
-    big = len(body) > OFFLOAD_BYTES
-    spans = await asyncio.to_thread(_locate, body, urls, start) if big else _locate(body, urls, start)
+    spans = await offload.run(_locate, body, urls, start, size=len(body))
     if spans is None:
         return await _rewrite_parsed(body[start:], links, prefix=body[:start])
     pieces, pos, view = [], 0, memoryview(body)
@@ -122,11 +116,11 @@ async def rewrite_body(body: bytes | bytearray, parsed: answer.Answer, links: Li
 
 async def _rewrite_parsed(payload: bytes | bytearray, links: Links, *, prefix: bytes | bytearray) -> bytes:
     """The slow path: parse, replace, dump (a body whose URLs the bytes spell with escapes)."""
-    obj = await asyncio.to_thread(orjson.loads, payload) if len(payload) > OFFLOAD_BYTES else orjson.loads(payload)
+    obj = await offload.run(orjson.loads, payload, size=len(payload))
     for choice in obj.get("choices") or ():
         message = choice.get("message") or choice.get("delta") or {}
         for part in message.get("images") or ():
-            url = _data_url(part)
+            url = image_data_url(part)
             if url is not None and (link := await links.link_data_url(url)) is not None:
                 part["image_url"]["url"] = link
     return bytes(prefix) + orjson.dumps(obj)
@@ -141,8 +135,7 @@ async def rewrite_event(event: bytes | bytearray, links: Links) -> bytes:
     payload = event_data(event)
     if payload is None or payload == b"[DONE]":
         return bytes(event)
-    big = len(payload) > OFFLOAD_BYTES
-    parsed = await asyncio.to_thread(answer.loads, payload, chunk=True) if big else answer.loads(payload, chunk=True)
+    parsed = await offload.run(functools.partial(answer.loads, chunk=True), payload, size=len(payload))
     if event.startswith(b"data:") and b"\n" not in event:  # the usual shape: splice in place
         return await rewrite_body(event, parsed, links, start=len(event) - len(payload))
     fields = [line for line in bytes(event).splitlines() if not line.startswith(b"data:")]

@@ -14,16 +14,22 @@ Base64 must be strictly valid (``binascii.a2b_base64(strict_mode=True)``: standa
 correct padding), except that ASCII whitespace (space, tab, CR, LF) is ignored, so the same
 image wrapped at 76 columns or not gives the same facts. Slices are decoded by pybase64 (SIMD,
 ~20x binascii); what it refuses goes to binascii, so binascii's strict rules stay the judge.
+
+The provider's answers carry images as data URLs too: ``image_data_url`` reads one from an
+answer's image part, ``decode_data_url`` decodes one whole (what the cache keeps and the links
+store), strictly or by binascii's lenient rules.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 from binascii import a2b_base64
 from collections.abc import Iterator
 
 import orjson
 import pybase64
 
+from gateway.answer import Choice
 from gateway.errors import InvalidRequest
 
 MIME_ALIASES = {
@@ -39,6 +45,7 @@ SLICE = 1 << 20  # base64 characters decoded at a time; a multiple of 4
 _HEAD = 12  # bytes needed to tell the formats apart (WEBP: RIFF....WEBP)
 _MAX_HEADER = 64  # characters between "data:" and the comma
 WHITESPACE = b" \t\r\n"  # ignored between base64 characters
+_MIME = re.compile(r"[a-z0-9.+-]+/[a-z0-9.+-]+")
 
 
 def _strict_b64decode(data: str | bytes | memoryview) -> bytes:
@@ -52,6 +59,47 @@ def _strict_b64decode(data: str | bytes | memoryview) -> bytes:
         return pybase64.b64decode(data, validate=True)
     except ValueError:  # binascii.Error is a ValueError
         return a2b_base64(data, strict_mode=True)
+
+
+def _b64decode_lenient(text: str) -> bytes:
+    """``a2b_base64(text, strict_mode=False)``, fast for the usual, canonical text.
+
+    What pybase64 takes with ``validate=True`` binascii decodes to the same bytes; anything
+    else (line breaks, odd padding) goes to binascii, whose lenient rules decide as before.
+    """
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except ValueError:
+        return a2b_base64(text, strict_mode=False)
+
+
+def image_data_url(part: dict) -> str | None:
+    """An answer's image part's ``image_url.url`` if it is a data URL, else None."""
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else None
+    return url if isinstance(url, str) and url[:5].lower() == "data:" else None
+
+
+def image_data_urls(choice: Choice) -> list[str | None]:
+    """``image_data_url`` of each image part of one choice of the provider's answer."""
+    return [image_data_url(part) for part in choice.images]
+
+
+def decode_data_url(url: str, *, strict: bool) -> tuple[str, bytes] | None:
+    """(declared MIME type, decoded bytes) of a ``data:<type>[;...];base64,<data>`` URL, or None.
+
+    ``strict``: binascii's strict base64 rules, else its lenient ones (line breaks, odd padding:
+    what the provider's answers have always been kept as)."""
+    comma = url.find(",", 0, 5 + _MAX_HEADER + 1)
+    if url[:5].lower() != "data:" or comma < 0:
+        return None
+    mime, *params = url[5:comma].lower().split(";")
+    if params[-1:] != ["base64"] or not _MIME.fullmatch(mime):
+        return None
+    try:
+        return mime, (_strict_b64decode if strict else _b64decode_lenient)(url[comma + 1:])
+    except ValueError:  # binascii.Error is a ValueError
+        return None
 
 
 def sniff(head: bytes) -> str | None:

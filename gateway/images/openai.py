@@ -29,7 +29,9 @@ from typing import Any
 
 from gateway.answer import Answer
 from gateway.errors import InvalidRequest
+from gateway.images.inputs import image_data_urls
 from gateway.usage import PROMPT_TOKENS_PER_IMAGE, Usage
+from gateway.validate import invalid
 
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")  # the model's
 IMAGE_SIZES = ("1K", "2K", "4K")
@@ -56,10 +58,6 @@ def unsupported(param: str, why: str) -> InvalidRequest:
     return InvalidRequest(f"{param}: {why}", code="unsupported_parameter", param=param)
 
 
-def _bad(param: str, what: str) -> InvalidRequest:
-    return InvalidRequest(f"{param}: {what}", param=param)
-
-
 def parse(body: Any, *, max_n: int, images: tuple[tuple[str, str], ...] = (), edit: bool = False) -> ImagesRequest:
     """An Images API body (``images``: an edit's input images, already read) -> ImagesRequest."""
     if not isinstance(body, dict):
@@ -74,19 +72,19 @@ def parse(body: Any, *, max_n: int, images: tuple[tuple[str, str], ...] = (), ed
         raise unsupported(name, "is not supported by this model")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _bad("prompt", "is required (a non-empty string)")
+        raise invalid("prompt", "is required (a non-empty string)")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("model", "must be a string")
+        raise invalid("model", "must be a string")
     n = 1 if body.get("n") is None else body["n"]
     if type(n) is not int or not 1 <= n <= max_n:
-        raise _bad("n", f"must be an integer from 1 to {max_n}; got {n!r}")
+        raise invalid("n", f"must be an integer from 1 to {max_n}; got {n!r}")
     fmt = body.get("response_format")
     if fmt is not None and fmt not in FORMATS:
-        raise _bad("response_format", f"must be b64_json or url; got {fmt!r}")
+        raise invalid("response_format", f"must be b64_json or url; got {fmt!r}")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise _bad("user", "must be a string")
+        raise invalid("user", "must be a string")
     return ImagesRequest(prompt=prompt, model=model, n=n, image_config=image_config(body), response_format=fmt,
                          user=user, images=images)
 
@@ -98,7 +96,7 @@ def image_config(body: dict) -> dict[str, str]:
     if size is not None and size != "auto":
         match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None:
-            raise _bad("size", f"must be auto or WIDTHxHEIGHT (1536x1024); got {size!r}")
+            raise invalid("size", f"must be auto or WIDTHxHEIGHT (1536x1024); got {size!r}")
         width, height = int(match[1]), int(match[2])
         config["aspect_ratio"] = nearest_ratio(width, height)
         longer = max(width, height)
@@ -106,17 +104,17 @@ def image_config(body: dict) -> dict[str, str]:
     quality = body.get("quality")
     if quality is not None:
         if quality not in QUALITIES:
-            raise _bad("quality", f"must be one of {', '.join(QUALITIES)}; got {quality!r}")
+            raise invalid("quality", f"must be one of {', '.join(QUALITIES)}; got {quality!r}")
         config.setdefault("image_size", QUALITIES[quality])
     given = body.get("image_config")
     if given is None:
         return config
     if not isinstance(given, dict):
-        raise _bad("image_config", "must be an object with aspect_ratio and/or image_size")
+        raise invalid("image_config", "must be an object with aspect_ratio and/or image_size")
     for key, allowed in (("aspect_ratio", ASPECT_RATIOS), ("image_size", IMAGE_SIZES)):
         value = given.get(key)
         if value is not None and value not in allowed:
-            raise _bad(f"image_config.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
+            raise invalid(f"image_config.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
     other = sorted(set(given) - {"aspect_ratio", "image_size"})
     if other:
         raise unsupported(f"image_config.{other[0]}", "is not supported by this model")
@@ -159,14 +157,7 @@ def data_items(answer: Answer) -> list[tuple[str, str | None]]:
     """(data URL, revised prompt) of each image of a chat answer; the text the model said with
     them is the revised prompt."""
     text = "".join(c.content for c in answer.choices).strip() or None
-    urls = []
-    for choice in answer.choices:
-        for part in choice.images:
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else None
-            if isinstance(url, str) and url[:5].lower() == "data:":
-                urls.append((url, text))
-    return urls
+    return [(url, text) for choice in answer.choices for url in image_data_urls(choice) if url is not None]
 
 
 def usage_object(usages: list[Usage]) -> dict[str, Any]:

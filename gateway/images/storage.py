@@ -13,18 +13,17 @@ objects in S3 (gateway/images/s3.py), removed by the bucket's lifecycle rule. Fa
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+from gateway import offload
 from gateway.config import ImagesConfig
 from gateway.store import Store, StoreError
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 CONTENT_TYPES = {ext: mime for mime, ext in EXTENSIONS.items()}
 READ_BYTES = 768 * 1024  # one store read, one write to the client
-OFFLOAD_BYTES = 1 << 20  # hash images this large in a thread, off the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +70,7 @@ async def image_name(data: bytes | memoryview, content_type: str) -> str:
     ext = EXTENSIONS.get(content_type)
     if ext is None:
         raise ValueError(f"no image type {content_type!r}")
-    if len(data) > OFFLOAD_BYTES:
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-    else:
-        digest = hashlib.sha256(data).hexdigest()
+    digest = await offload.run(lambda: hashlib.sha256(data).hexdigest(), size=len(data))
     return f"{digest}.{ext}"
 
 

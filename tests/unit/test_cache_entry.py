@@ -10,10 +10,8 @@ import orjson
 import pytest
 
 from gateway.answer import parse
-from gateway.cache import entry as cache_entry_module
 from gateway.cache import hit_body
 from gateway.cache.entry import (
-    SLICE_BYTES,
     CacheEntry,
     CachedImage,
     EntryFormatError,
@@ -21,6 +19,8 @@ from gateway.cache.entry import (
     StoredImage,
     entry_from_answer,
 )
+from gateway.cache.replay import SLICE_BYTES
+from gateway.images import inputs as cache_entry_module  # the provider's base64 is decoded there
 
 MODEL = "gemini-3-pro-image-preview"
 USAGE = {

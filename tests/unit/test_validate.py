@@ -415,7 +415,7 @@ def test_validate_async_offloads_large_bodies(monkeypatch):
         calls.append(fn)
         return await real_to_thread(fn, *args)
 
-    monkeypatch.setattr(validate_module.asyncio, "to_thread", spy)
+    monkeypatch.setattr(asyncio, "to_thread", spy)
     big = picture("PNG", (400, 400), noise=True)
     large = encode(chat(*[image_part(data_url(big)) for _ in range(3)], model=ALIAS))
     assert len(large) > validate_module.INLINE_MAX_BYTES
