@@ -59,6 +59,21 @@ PORT = _rule(lambda v: type(v) is int and 0 <= v <= 65535,
 METRICS_PORT = _rule(lambda v: type(v) is int and 0 < v <= 65535,  # every worker binds the same one
                      "must be an integer from 1 to 65535, or null (metrics on server.port)")
 POS_NUM = _rule(lambda v: _is_num(v) and v > 0, "must be a positive number", float)
+
+
+def _at_most(check: Check, top: float) -> Check:
+    """``check``, then a bound: limits and quotas as the Lua scripts take them (counts up to 1e12,
+    dollars up to 1e6, i.e. 1e12 micro-dollars); a larger one would refuse every request."""
+    over = _rule(lambda v: v <= top, f"must be at most {top:.0f}")
+
+    def check_bounded(value: Any, path: str, problems: list[str]) -> Any:
+        out = check(value, path, problems)
+        return out if out is SKIP else over(out, path, problems)
+    return check_bounded
+
+
+LIMIT = _at_most(POS_INT, 10**12)
+USD = _at_most(POS_NUM, 10**6)
 PRICE = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
 NON_NEG_NUM = _rule(lambda v: _is_num(v) and v >= 0, "must be a number >= 0", float)
 BOOL = _rule(lambda v: type(v) is bool, "must be true or false")
@@ -109,8 +124,8 @@ def _list_of(item: Check) -> Check:
     return check
 
 
-_LIMITS = {"requests_per_minute": _nullable(POS_INT), "tokens_per_minute": _nullable(POS_INT),
-           "max_concurrent": _nullable(POS_INT), "max_images_per_request": POS_INT,
+_LIMITS = {"requests_per_minute": _nullable(LIMIT), "tokens_per_minute": _nullable(LIMIT),
+           "max_concurrent": _nullable(LIMIT), "max_images_per_request": POS_INT,
            "max_image_mb": POS_NUM}
 _CACHE = {"mode": _one_of("off", "deterministic", "always"), "ttl_s": POS_INT,
           "max_entry_mb": POS_NUM, "scope": _one_of("team", "global")}
@@ -141,15 +156,15 @@ SCHEMA = _record({
     "cache": _record(_CACHE),
     "teams": _list_of(_record({
         "name": NAME, "keys": _list_of(KEY_HASH), "limits": _record(_LIMITS),
-        "quota": _record({"tokens_per_day": _nullable(POS_INT),
-                          "usd_per_month": _nullable(POS_NUM)}),
+        "quota": _record({"tokens_per_day": _nullable(LIMIT),
+                          "usd_per_month": _nullable(USD)}),
         "cache": _record(_CACHE), "images": _record(_IMAGES_TEAM)}, required=("name",))),
     "admin": _record({"keys": _list_of(KEY_HASH)}),
     "account": _record({
-        "limits": _record({k: _nullable(POS_INT) for k in ("requests_per_minute", "tokens_per_minute",
-                                                            "max_concurrent")}),
-        "quota": _record({"tokens_per_day": _nullable(POS_INT), "usd_per_day": _nullable(POS_NUM),
-                          "usd_per_month": _nullable(POS_NUM)})}),
+        "limits": _record({k: _nullable(LIMIT) for k in ("requests_per_minute", "tokens_per_minute",
+                                                          "max_concurrent")}),
+        "quota": _record({"tokens_per_day": _nullable(LIMIT), "usd_per_day": _nullable(USD),
+                          "usd_per_month": _nullable(USD)})}),
     "images": _record(_IMAGES),
     "logging": _record({"level": _one_of("debug", "info", "warning", "error"),
                         "format": _one_of("json", "text"), "access_log": BOOL}),
