@@ -269,13 +269,18 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
 
     procs: list[subprocess.Popen] = []
     stopping = False
+    stop_signal = signal.SIGTERM  # the last SIGTERM or SIGINT, for a worker started after it came
+    reached: set[int] = set()  # the workers a stop signal was forwarded to
 
     def forward(signum, frame) -> None:
-        nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
+        nonlocal stopping, stop_signal
+        if signum != signal.SIGHUP:
+            stopping, stop_signal = True, signum
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
+                if stopping:
+                    reached.add(proc.pid)
 
     def spawn() -> subprocess.Popen:
         # Ignored SIGHUP is inherited through exec: a reload signal before a worker is ready never
@@ -303,7 +308,11 @@ def run_supervisor(config_path: str, host: str, port: int, workers: int) -> int:
                 log.error("worker %d exited with %s; restarting it", proc.pid, proc.returncode)
                 mark_worker_dead(proc.pid)
                 time.sleep(RESTART_DELAY_S)
+                if stopping:  # the signal came during the delay: no replacement
+                    break
                 procs[i] = spawn()
+                if stopping and procs[i].pid not in reached:  # it came while the worker was being started
+                    procs[i].send_signal(stop_signal)
                 _ready(procs[i])
     for proc in procs:  # each drains within its own shutdown_timeout_s (a second signal: at once)
         proc.wait()

@@ -1,6 +1,8 @@
 """``gateway serve --workers 2`` as real processes on a Redis store: one scrape, whichever worker
 answers it, shows the sum over both workers, and killing a worker (the supervisor restarts it)
-never makes a counter go backwards. And ``--workers 2`` on ``memory://`` is refused.
+never makes a counter go backwards. A stop that comes while the supervisor waits to restart a
+dead worker ends it all, with no replacement left behind. And ``--workers 2`` on ``memory://``
+is refused.
 
 Which worker served what is read from the workers' own multiprocess files (one
 ``counter_<pid>.db`` per process, in a directory the test hands the supervisor), so the test
@@ -8,6 +10,7 @@ knows both workers took traffic instead of hoping the kernel spread it.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -159,6 +162,35 @@ async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards
     out = subprocess.run([require_binary("promtool"), "check", "metrics"], input=exposition, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+
+
+def running_with(config_path: Path) -> set[int]:
+    """Live processes whose command line names ``config_path``: the supervisor and its workers."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(config_path).encode() in cmdline.read_bytes():
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found - {os.getpid()}
+
+
+async def test_a_stop_during_a_restart_delay_exits_promptly_with_no_replacement(
+        simulator, redis_server, gateway_processes, tmp_path):
+    redis_server.start()
+    redis_server.flush()
+    config = gateway_config(simulator.url, simulator.api_key, {t: {} for t in TEAMS},
+                            store={"url": redis_server.url})
+    gw = gateway_processes(config, workers=2)
+    supervisor = gw.process.pid
+    workers = await wait_for(lambda: two_workers(supervisor), timeout_s=30)
+    log = tmp_path / "gw0.log"
+    os.kill(min(workers), signal.SIGKILL)
+    await wait_for(lambda: "restarting it" in log.read_text(), timeout_s=30)  # its restart delay began
+    gw.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.process.wait, 20) == 0  # raises TimeoutExpired if it hangs
+    assert running_with(tmp_path / "gw0.yaml") == set()  # no worker left, no replacement orphaned
 
 
 def test_two_workers_on_the_memory_store_are_refused(tmp_path):

@@ -16,7 +16,8 @@ import pytest
 from gateway.config import Account, Limits, Quota
 from gateway.errors import QuotaExceeded, RateLimited
 from gateway.limits import ledger
-from gateway.limits.limiter import Limiter, limit_keys
+from gateway.limits.limiter import Limiter
+from gateway.limits.plan import limit_keys
 from gateway.store import connect
 from gateway.usage import Usage
 from tests.unit.test_limits import (CONFIG, T0, Clock, CountingStore, Metrics, StalledStore, admit_all, admitted, request,
@@ -239,3 +240,30 @@ def test_an_account_without_any_limit_is_no_account():
     assert parse({"account": {"limits": {}, "quota": {"usd_per_day": None}}}).account is None
     got = parse({"account": {"limits": {"max_concurrent": 64}, "quota": {"usd_per_day": 500}}}).account
     assert got == Account(limits=Limits(max_concurrent=64), quota=Quota(usd_per_day=500))
+
+
+async def test_across_a_reload_each_snapshot_keeps_its_account_and_renewals_stay_one_per_team(store):
+    old_team = team(Limits(requests_per_minute=10, max_concurrent=10))
+    old = dataclasses.replace(with_account(Limits(requests_per_minute=3)), teams=(old_team,))
+    new_team = dataclasses.replace(old_team)  # a reload's own Team object, the same team
+    new = dataclasses.replace(with_account(Limits(requests_per_minute=100)), teams=(new_team,))
+    counting = CountingStore(store)
+    lim = Limiter(counting, old, clock=Clock())
+    first = await lim.admit(old_team, request())
+    lim.reconfigure(new)
+    # requests of both snapshots in flight at once, interleaved
+    in_flight = [first, await lim.admit(new_team, request()), await lim.admit(old_team, request()),
+                 await lim.admit(new_team, request())]
+    with pytest.raises(RateLimited) as e:  # the old snapshot's account: 3 a minute, not the new one's 100
+        await lim.admit(old_team, request())
+    assert e.value.limit == "account_requests_per_minute" and "requests_per_minute (3)" in e.value.message
+    assert (await lim.admit(new_team, request())).reserved == 2300
+    before = len(counting.calls)
+    await lim._renew()
+    await lim._renew()
+    assert counting.calls[before:] == ["renew", "renew"]  # one call per team per tick
+    _, _, leases = limit_keys(old_team.name)
+    assert await store.client.zcard(leases) == 5
+    for adm in in_flight:
+        await adm.settle(Usage(prompt=1))
+    assert await store.client.zcard(leases) == 1

@@ -15,7 +15,9 @@ import pytest
 from gateway.limits import ledger
 from gateway.config import Config, Limits, ModelConfig, Prices, Quota, Team, UpstreamConfig
 from gateway.errors import QuotaExceeded, RateLimited, StoreUnavailable
-from gateway.limits.limiter import Limiter, estimate_tokens, format_duration, limit_keys
+from gateway.limits.answers import format_duration
+from gateway.limits.limiter import Limiter
+from gateway.limits.plan import limit_keys
 from gateway.store import StoreError, connect
 from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest
@@ -494,8 +496,8 @@ def test_format_duration(seconds, text):
 
 
 def test_estimate_tokens():
-    assert estimate_tokens(request(text_chars=401, images=2, max_tokens=None)) == 101 + 1120 + 2200
-    assert estimate_tokens(request(text_chars=0, images=0, max_tokens=50)) == 51  # prompt >= 1
+    assert estimate(request(text_chars=401, images=2, max_tokens=None)).total == 101 + 1120 + 2200
+    assert estimate(request(text_chars=0, images=0, max_tokens=50)).total == 51  # prompt >= 1
 
 
 class CountingStore:
@@ -618,7 +620,7 @@ async def test_settle_survives_the_caller_being_cancelled(store):
 
 
 def test_lease_ids_are_unique_and_a_forked_child_draws_a_new_prefix():
-    from gateway.limits.limiter import _Ids
+    from gateway.limits.plan import _Ids
 
     ids = _Ids()
     drawn = {ids.next() for _ in range(10_000)}
@@ -642,3 +644,41 @@ def test_ledger_increments_skip_zeros_in_field_order():
                                   utc(2028, 2, 29, 12), utc(1969, 12, 31, 23, 59, 59)])
 def test_ledger_period_is_the_utc_day_and_month(when):
     assert ledger.period(when.timestamp()) == (when.date().isoformat(), when.strftime("%Y-%m"))
+
+
+class DownThenBackStore(CountingStore):
+    """Fails every settle while ``down``; counts the scripts in flight at once once back."""
+
+    on_error = None
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.down, self.in_flight, self.most_in_flight = True, 0, 0
+
+    async def run_script(self, name, keys, args, **kw):
+        if name == "settle" and self.down:
+            raise StoreError("store settle failed: connection refused", op=name)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # a real round trip yields: the others start meanwhile
+            return await super().run_script(name, keys, args, **kw)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_owed_settles_reach_a_store_that_came_back_in_bounded_batches(store):
+    from gateway.limits.leases import REPAY_BATCH
+
+    flaky = DownThenBackStore(store)
+    lim = Limiter(flaky, CONFIG, clock=Clock())
+    t, n = team(), 2 * REPAY_BATCH + 100
+    for adm in [await lim.admit(t, request()) for _ in range(n)]:
+        await adm.settle(Usage(prompt=1, completion=2))
+    assert lim.owed == n
+    flaky.down = False
+    await lim._repay()
+    assert lim.owed == 0 and flaky.calls.count("settle") == n
+    assert flaky.most_in_flight == REPAY_BATCH
+    day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25), month="2026-11"))["day"]
+    assert day["requests"] == n and day["tokens"]["prompt"] == n and day["tokens"]["completion"] == 2 * n
