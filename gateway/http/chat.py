@@ -22,10 +22,12 @@ from aiohttp import web
 from gateway import answer as answer_mod
 from gateway import cache as cache_mod
 from gateway.answer import Answer
+from gateway.config import CacheConfig
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.body import SlicedBody
-from gateway.upstream.relay import OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, read_json, relay_sse, write_counted
+from gateway.upstream.relay import (OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, provider_code, read_json,
+                                    relay_sse, write_counted)
 from gateway.upstream.secrets import allowed_headers
 from gateway.upstream.sse import EventScanner
 from gateway.http.files import image_links
@@ -40,7 +42,12 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
 UPSTREAM_FAILURES = (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable)
-LINKED_EVENT_BYTES = 1 << 62  # with links a stream's events are kept whole, however big
+
+
+def max_event_bytes(max_entry_bytes: int) -> int:
+    """The largest stream event kept whole (for the cache, or to rewrite its images as links): a
+    cache entry's image as base64, plus 1 MiB for the rest of the event."""
+    return max_entry_bytes * 4 // 3 + (1 << 20)
 
 
 @dataclass(slots=True)
@@ -56,6 +63,8 @@ class Served:
     collect: bool = False  # keep the provider's answer in ``answer`` instead of sending it (Images API)
     answer: Answer | None = None  # collect: the 200 answer, the provider's or a cache hit's
     sent: bool = False  # this call may have reached the provider (an Images request's record is n calls')
+    upstream_s: float = 0.0  # this call's wait on the provider (an Images request's calls overlap)
+    max_event: int = max_event_bytes(CacheConfig().max_entry_bytes)  # the team's: see max_event_bytes
 
     def mark_sent(self, rec: RequestRecord) -> None:
         """The upstream's on_sent: this call may now be billed, and so may the request."""
@@ -79,7 +88,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with rec.span("admission"):
         admission = await app[LIMITER].admit(team, chat, deadline=deadline)
     rec.reach(Phase.ADMITTED)
-    return await run(request, chat, decision, admission, Served(deadline=deadline, links=links))
+    served = Served(deadline=deadline, links=links, max_event=max_event_bytes(team.cache.max_entry_bytes))
+    with app[METRICS].inflight(rec.team):
+        return await run(request, chat, decision, admission, served)
 
 
 async def run(request: web.Request, chat: ChatRequest, decision, admission, served: Served) -> web.StreamResponse | None:
@@ -88,8 +99,7 @@ async def run(request: web.Request, chat: ChatRequest, decision, admission, serv
     returned; the provider's error answer is returned as the client would get it."""
     app, rec = request.app, request[RECORD]
     try:
-        with app[METRICS].inflight(rec.team):
-            return await _serve(request, chat, decision, admission.headers, served)
+        return await _serve(request, chat, decision, admission.headers, served)
     except ConnectionResetError:  # the client is gone: nothing more can be written
         raise
     except asyncio.CancelledError:  # the client went away, or the shutdown timeout ended the request
@@ -154,7 +164,8 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
         raise
     finally:
         resp.release()
-        rec.upstream_s += resp.waited_s
+        served.upstream_s += resp.waited_s
+        rec.upstream_s = max(rec.upstream_s, served.upstream_s)  # concurrent calls: the longest wait
 
 
 async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Served, resp: UpstreamResponse):
@@ -168,8 +179,8 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     upstream_headers = allowed_headers(resp.headers, guard.key)
     if resp.content_type == "text/event-stream" and not served.collect:
         collector = cache_mod.SSECollector(chat.body["model"]) if decision.store else None
-        whole = {"large": LINKED_EVENT_BYTES} if served.links else {}  # links: events are rewritten whole
-        scanner = served.scanner = EventScanner(collector.feed if collector else None, **whole)
+        scanner = served.scanner = EventScanner(collector.feed if collector else None, whole_max=served.max_event,
+                                                whole=served.links is not None)  # links rewrite events whole
         chunk = await first_chunk(resp)
         response = web.StreamResponse(headers={**upstream_headers, **SSE_HEADERS, **headers})
         await _start(request, response, served)
@@ -178,10 +189,9 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         served.usage = _usage(chat, scanner.usage, scanner.images_out)
         _note_finish(rec, scanner.native_finish_reason, scanner.finish_reason)
         if scanner.error is not None:  # the provider's final error event: a failed answer, never cached
-            code = scanner.error.get("code")
-            rec.error_code = code if isinstance(code, str) else "upstream_error"
+            rec.error_code = provider_code(scanner.error.get("code"), guard, "upstream_error")
             return response, None
-        if collector is None:
+        if scanner.on_event is None:  # no collector, or it was dropped (an event over max_event)
             return response, None
         collector.done()
         return response, collector.finish()
@@ -189,17 +199,22 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     rec.response_model = answer.model or rec.response_model
     served.usage = _usage(chat, answer.usage, answer.images_out)
     _note_finish(rec, answer.native_finish_reason, answer.finish_reason)
-    entry = None
-    if decision.store:  # decoding the images is CPU work: off the loop when it is big
-        big = len(body) > OFFLOAD_PARSE_BYTES
-        entry = await asyncio.to_thread(cache_mod.entry_from_answer, answer) if big else cache_mod.entry_from_answer(answer)
+    response, big = None, len(body) > OFFLOAD_PARSE_BYTES
     if served.collect:
         served.answer = answer
-        return None, entry
-    if served.links is not None:
-        body = await rewrite_body(body, answer, served.links)
-    rec.first_byte()
-    response = web.Response(body=SlicedBody(body), content_type="application/json", headers={**upstream_headers, **headers})
+    else:
+        if served.links is not None:
+            body = await rewrite_body(body, answer, served.links)
+        rec.first_byte()
+        # Written here, whole, before the cache entry, the settle and the cache put: a slow store
+        # delays no answer, and a shutdown cut-off never turns a paid answer into a 503.
+        response = web.Response(body=SlicedBody(body), content_type="application/json",
+                                headers={**upstream_headers, **headers})
+        await _start(request, response, served)
+        await _finish(response, rec)
+    entry = None
+    if decision.store:  # decoding the images is CPU work: off the loop when it is big
+        entry = await asyncio.to_thread(cache_mod.entry_from_answer, answer) if big else cache_mod.entry_from_answer(answer)
     return response, entry
 
 

@@ -34,7 +34,7 @@ from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, Upstre
 from gateway.http.chat import Served, charged, read_body, run
 from gateway.http.files import image_links
 from gateway.http.record import Phase
-from gateway.http.state import LIMITER, RECORD, SNAPSHOT
+from gateway.http.state import LIMITER, METRICS, RECORD, SNAPSHOT
 from gateway.images import openai
 from gateway.images.inputs import sniff
 from gateway.usage import Usage
@@ -85,9 +85,10 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
     rec.reach(Phase.ADMITTED)
     served = [Served(deadline=deadline, collect=True) for _ in admissions]
     try:
-        outcomes = await asyncio.gather(*(run(request, chat, cache_mod.nth(decision, i), adm, s)
-                                          for i, (adm, s) in enumerate(zip(admissions, served))),
-                                        return_exceptions=True)
+        with app[METRICS].inflight(rec.team):  # one request in flight, however many calls
+            outcomes = await asyncio.gather(*(run(request, chat, cache_mod.nth(decision, i), adm, s)
+                                              for i, (adm, s) in enumerate(zip(admissions, served))),
+                                            return_exceptions=True)
     finally:
         # A call cancelled before it started never settled: undo its admission (the others are
         # settled already, and release() is then a no-op).

@@ -73,11 +73,16 @@ async def trace_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: streamed answers are prepared inside the handler, so the header
-    is set here rather than on the middleware's way out."""
+    """``on_response_prepare``: streamed answers are prepared inside the handler, so the headers
+    are set here rather than on the middleware's way out. While the replica drains, every answer
+    closes its connection: the client's next request opens a new one, to another replica (a
+    kept-alive one would meet the closed listener's 503, and a proxy does not retry a POST)."""
     rec = request.get(RECORD)
     if rec is not None:
         response.headers["x-request-id"] = rec.request_id
+    if request.app[RUNTIME].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 @web.middleware
@@ -123,30 +128,39 @@ def observe(app: web.Application, rec: RequestRecord) -> None:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every failure as the provider's JSON error; a departed client's (cancelled, reset) is left
-    to ``observe_middleware``."""
+    """Every failure as the provider's JSON error, unless the answer already started: then only
+    a cut body (a second status line would land inside the first answer's body). A departed
+    client's (cancelled, reset) is left to ``observe_middleware``."""
     rec = request[RECORD]
     try:
         return await handler(request)
-    except GatewayError as err:
-        return _error(rec, err)
+    except ConnectionResetError:
+        raise
+    except GatewayError as exc:
+        err = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(rec, _http_error(exc))
+        err = _http_error(exc)
     except web.RequestPayloadError:  # aiohttp could not decode the body (chunks, gzip) as it was read
-        return _error(rec, InvalidRequest("The request body could not be read: its chunked or content "
-                                          "encoding is not valid."))
-    except ConnectionResetError:
-        raise
+        err = InvalidRequest("The request body could not be read: its chunked or content encoding is not valid.")
     except Exception:
         log.exception("unhandled error (request %s)", rec.request_id)
-        return _error(rec, GatewayError("The gateway failed to handle this request."))
-
-
-def _error(rec: RequestRecord, err: GatewayError) -> web.Response:
+        err = GatewayError("The gateway failed to handle this request.")
+    if rec.phase >= Phase.ANSWER_STARTED:  # a status line is out: a second one would land in the body
+        log.warning("answer cut short after it started (request %s): %s", rec.request_id, err.code)
+        return _cut_answer(request, rec, err.code)
     rec.error_code = err.code
     return error_response(err)
+
+
+def _cut_answer(request: web.Request, rec: RequestRecord, code: str) -> web.Response:
+    """End an answer whose status line went out by closing its connection (the client sees a cut
+    body). The Response returned is never written: aiohttp finds the transport closing."""
+    rec.error_code = code
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=rec.status)
 
 
 def _http_error(exc: web.HTTPException) -> GatewayError:
@@ -167,8 +181,11 @@ async def lifecycle_middleware(request: web.Request, handler) -> web.StreamRespo
     """The request against the replica's drain: refused with 503 ``shutting_down`` once the
     listener has closed (it came on a kept-alive connection); counted while it runs, so the drain
     waits for it; ended with 503 ``shutting_down`` when the shutdown timeout cancels it before its
-    answer started (``chat`` ends a started answer itself)."""
+    answer started (``chat`` ends a started answer itself; ``error_middleware`` cuts any other).
+    The probes are exempt: ``/readyz`` says ``draining`` to the end."""
     runtime = request.app[RUNTIME]
+    if request.path in UNMETERED_PATHS:
+        return await handler(request)
     if runtime.closed:
         raise ShuttingDown()
     with runtime.running(asyncio.current_task(), request[RECORD]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import orjson
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 1 << 20  # an error body is read whole up to this; a larger one is not an error body
 OFFLOAD_PARSE_BYTES = 1 << 20  # parse JSON this large in a thread, off the event loop
+ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a provider's error code we log and label with
+
+
+def provider_code(code: object, guard: KeyGuard, fallback: str) -> str:
+    """The provider's ``error.code`` for the access log, metrics and spans when it is a short plain
+    token that holds no key; else ``fallback``: what the provider sends is not ours to trust."""
+    if isinstance(code, str) and ERROR_CODE_RE.fullmatch(code) and not guard.found_in(code):
+        return code
+    return fallback
 
 
 async def error_passthrough(resp: UpstreamResponse, guard: KeyGuard, rec: RequestRecord) -> web.Response:
@@ -46,21 +56,24 @@ async def error_passthrough(resp: UpstreamResponse, guard: KeyGuard, rec: Reques
     if not isinstance(parsed, dict) or not isinstance(parsed.get("error"), dict):
         raise UpstreamBadResponse(f"The upstream answered HTTP {resp.status} without a JSON error.")
     rec.first_byte()
-    code = parsed["error"].get("code")
-    rec.error_code = code if isinstance(code, str) else f"upstream_{resp.status}"
+    rec.error_code = provider_code(parsed["error"].get("code"), guard, f"upstream_{resp.status}")
     return web.Response(status=resp.status, body=guard.redact_json(body), content_type="application/json",
                         headers=allowed_headers(resp.headers, guard.key))
 
 
 async def read_json(resp: UpstreamResponse, guard: KeyGuard, *, image_data: bool = True) -> tuple[bytes, answer.Answer]:
-    """A 200 JSON answer, read whole (the client needs all of it anyway), checked, key-free.
+    """A 200 JSON answer, read whole (the client needs all of it anyway), checked, key-free: the
+    Answer (what the cache and the Images API keep) is parsed from the cleaned bytes, never the raw.
     ``image_data``: see ``answer.loads`` (False when only the bytes are relayed)."""
     body = await resp.read()
     if len(body) > OFFLOAD_PARSE_BYTES:
-        parsed = await asyncio.to_thread(answer.loads, body, image_data=image_data)
-    else:
-        parsed = answer.loads(body, image_data=image_data)
-    return clean_whole(guard.stream(), body), parsed
+        return await asyncio.to_thread(_clean_and_parse, guard.stream(), body, image_data)
+    return _clean_and_parse(guard.stream(), body, image_data)
+
+
+def _clean_and_parse(checker: StreamGuard, body: bytes, image_data: bool) -> tuple[bytes, answer.Answer]:
+    body = clean_whole(checker, body)
+    return body, answer.loads(body, image_data=image_data)
 
 
 def clean_whole(checker: StreamGuard, body: bytes) -> bytes:
@@ -91,24 +104,31 @@ async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk:
     is the stream's final one, so nothing of ours follows it. Raises a ``GatewayError`` for
     anything else (a malformed event, a stall, a broken connection, an end before [DONE])."""
     while chunk:
-        if links is None:
-            await write_counted(response, checker.clean(chunk), rec)
-        for event in scanner.feed(chunk):
-            payload = event_data(event)
-            if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES:
-                # Parsing a big event (and a cache collector decoding its image) is CPU
-                # work that would stall every other stream: do it off the event loop.
-                await asyncio.to_thread(scanner.handle, payload)
-            else:
-                scanner.handle(payload)
-            if links is not None:
-                await write_counted(response, checker.clean(await deliver.rewrite_event(event, links) + b"\n\n"), rec)
+        await _pass(response, checker.clean(chunk), rec, scanner, links)
         if scanner.error is not None:
             break
         chunk = await resp.readany()
-    await write_counted(response, checker.flush(), rec)
+    await _pass(response, checker.flush(), rec, scanner, links)
     if not scanner.done and scanner.error is None:
         raise UpstreamBadResponse("The upstream stream ended before [DONE].")
+
+
+async def _pass(response: web.StreamResponse, data: bytes, rec: RequestRecord, scanner: EventScanner,
+                links: Links | None) -> None:
+    """Key-free bytes of the stream to the client and through the scanner: what the cache keeps
+    (the scanner's collector) is what the client was sent."""
+    if links is None:
+        await write_counted(response, data, rec)
+    for event in scanner.feed(data):
+        payload = event_data(event)
+        if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES:
+            # Parsing a big event (and a cache collector decoding its image) is CPU
+            # work that would stall every other stream: do it off the event loop.
+            await asyncio.to_thread(scanner.handle, payload)
+        else:
+            scanner.handle(payload)
+        if links is not None:
+            await write_counted(response, await deliver.rewrite_event(event, links) + b"\n\n", rec)
 
 
 async def write_counted(response: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:

@@ -7,7 +7,8 @@ gateway needs from a stream: the usage, how many images went out, the finish rea
 ``gateway.answer``: one that is not a provider event raises ``UpstreamBadResponse``. Events
 larger than ``large`` are *skimmed* unless the caller wants whole events (the cache does): only
 their head and tail are kept and image markers are counted on the fly, so relaying a huge event
-costs no second copy.
+costs no second copy. A whole event is kept up to ``whole_max`` bytes, never more: a provider
+streaming without separators must not grow the buffer until the deadline.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import orjson
 
 from gateway import answer
+from gateway.errors import UpstreamBadResponse
 
 SEPARATORS = (b"\n\n", b"\r\n\r\n")
 # Once per image in any shape the provider or OpenAI use ({"type":"image_url","image_url":{...}}),
@@ -118,9 +120,16 @@ class EventScanner:
     """Feed raw chunks; read ``usage``, ``images_out``, ``finish_reason``, ``native_finish_reason``,
     ``done``, ``error``."""
 
-    def __init__(self, on_event: Callable[[answer.Answer], None] | None = None, *, large: int = 1 << 20) -> None:
-        self.on_event = on_event  # gets every parsed event; whole events are kept for it
+    def __init__(self, on_event: Callable[[answer.Answer], None] | None = None, *, large: int = 1 << 20,
+                 whole_max: int = 1 << 62, whole: bool = False) -> None:
+        """``on_event`` gets every parsed event, kept whole for it up to ``whole_max`` bytes; past
+        that it is dropped (``on_event`` becomes None: a cache collector keeps nothing of this
+        stream). ``whole``: the caller needs every event whole (links rewrite them), so one past
+        ``whole_max`` is ``UpstreamBadResponse``."""
+        self.on_event = on_event
         self.large = large
+        self.whole_max = whole_max
+        self.whole = whole
         self.usage: dict | None = None
         self.images_out = 0
         self.finish_reason: str | None = None
@@ -159,10 +168,19 @@ class EventScanner:
                 if event:
                     pending.append(event)
                 idx, seplen = _find_separator(self._buf, 0)
-            if self.on_event is None and len(self._buf) > self.large:
+            if len(self._buf) > min(self.large, self.whole_max) and not self._keep_whole():
                 self._skim = _Skim(self._buf)
                 self._buf = bytearray()
         return pending
+
+    def _keep_whole(self) -> bool:
+        """Whether the pending event, grown past a limit, is still kept whole."""
+        if len(self._buf) <= self.whole_max:
+            return self.whole or self.on_event is not None
+        if self.whole:
+            raise UpstreamBadResponse(f"The upstream sent a stream event over {self.whole_max >> 20} MB.")
+        self.on_event = None
+        return False
 
     def handle(self, payload: memoryview | None) -> None:
         """Record one complete event's data; UpstreamBadResponse if it is not a provider event."""

@@ -4,11 +4,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+import socket
 
 import aiohttp
 import orjson
 import pytest
 
+from gateway.http.state import IMAGE_STORAGE, RUNTIME
+from gateway.images.deliver import Links
+from gateway.images.links import LinkSigner
 from tests.fixtures.gateway import wait_for
 from tests.images import data_url, decode_data_url, image_bytes, open_image
 
@@ -431,3 +436,26 @@ async def test_a_response_read_whole_then_closed_at_once_keeps_its_status(gated,
                                    if r.name == ACCESS_LOGGER and r.access["request_id"] == "whole-then-gone"])
     assert line[0]["status"] == 200
     assert line[0]["bytes_out"] == len(data)
+
+
+async def test_an_answer_ended_after_its_status_line_is_cut_never_given_a_second_one(start_gateway):
+    """An image download the shutdown timeout ends mid-body: the client sees the body cut short
+    (the connection closed), never a 503 head written into it."""
+    key = "a-signing-key-of-forty-characters-000000"
+    gw = await start_gateway(images={"delivery": "url", "signing_key": key})
+    image = os.urandom(32 << 20)  # more than any socket buffers hold: the download stays mid-body
+    url = await Links(gw.app[IMAGE_STORAGE], LinkSigner(key), base_url=gw.url, ttl_s=600).link(image, "image/png")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+    sock.connect(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {url.split(gw.url, 1)[1]} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert gw.app[RUNTIME].stop() == 1  # what the shutdown timeout does: the download is ended
+
+    received = bytearray()
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+        received += chunk
+    writer.close()
+    assert len(received) < len(image) and image.startswith(bytes(received))  # cut, and only image bytes

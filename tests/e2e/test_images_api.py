@@ -6,6 +6,7 @@ the provider: the prompt, the uploads byte for byte and the image_config that ``
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import aiohttp
@@ -285,3 +286,19 @@ async def test_a_repeat_is_answered_from_the_cache_image_by_image(gw, simulator)
     assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
     assert (await simulator.stats())["calls"] == calls  # each image its own entry: both hit
     assert [d.b64_json for d in again.parse().data] == [d.b64_json for d in first.parse().data]
+
+
+async def test_one_request_of_concurrent_calls_is_one_in_flight_and_waits_as_long_as_its_longest_call(
+        gw, client, http, simulator, caplog):
+    """n=2: the calls overlap, so the request is one in flight (not two) and its upstream wait is
+    the longest call's (not their sum, which would exceed its duration and hide the overhead)."""
+    caplog.set_level("INFO", logger="gateway.access")
+    await simulator.script(["latency_ms=1000", "latency_ms=1000"])
+    call = asyncio.create_task(client.images.generate(prompt="two slow ones", n=2))
+    await simulator.wait_for_stats(lambda s: sum(s["inflight"].values()) == 2)
+    async with http.get(gw.url + "/metrics") as resp:
+        samples = [s for f in text_string_to_metric_families(await resp.text()) for s in f.samples]
+    assert [s.value for s in samples if s.name == "gateway_inflight_requests" and s.labels["team"] == "alpha"] == [1]
+    assert len((await call).data) == 2
+    line = next(r.access for r in caplog.records if getattr(r, "access", {}).get("path") == "/v1/images/generations")
+    assert line["upstream_ms"] <= line["duration_ms"]

@@ -139,3 +139,37 @@ async def test_a_provider_echoing_the_key_never_shows_it_to_the_client(start_gat
     if fault in ("echo_key_body", "echo_key_stream"):
         content = "".join(d["choices"][0]["message"]["content"] if "message" in d["choices"][0] else d["choices"][0]["delta"].get("content") or "" for d in documents if d.get("choices"))
         assert content.endswith(" (key [redacted])")
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+@pytest.mark.parametrize("fault,stream", [("echo_key_body", False), ("echo_key_stream", True)])
+async def test_a_cache_hit_of_an_answer_that_echoed_the_key_holds_no_key(start_gateway, simulator, fault, stream, escaped):
+    """The cache keeps what the client was sent (key-free), never the provider's raw bytes."""
+    gw = await start_gateway(upstream={"max_retries": 0})
+    spec = fault + (";key_escaped" if escaped else "")
+    async with aiohttp.ClientSession() as http:
+        for expected in ("MISS", "HIT"):
+            async with http.post(gw.url + "/v1/chat/completions", json=body(stream=stream, seed=7, sim_fault=spec),
+                                 headers=gw.headers()) as resp:
+                raw = await resp.read()
+                assert (resp.status, resp.headers["x-cache"]) == (200, expected)
+                headers = resp.headers
+    leading = b": a hit\n\n" if stream and not raw.startswith(b":") else b""  # what assert_no_key tells streams by
+    documents = assert_no_key(simulator.api_key, headers, leading + raw)
+    content = "".join(d["choices"][0]["message"]["content"] if "message" in d["choices"][0] else d["choices"][0]["delta"].get("content") or "" for d in documents if d.get("choices"))
+    assert content.endswith(" (key [redacted])")
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["raw", "escaped"])
+async def test_an_images_answer_whose_provider_echoed_the_key_holds_no_key(start_gateway, simulator, escaped):
+    """The Images API answers from the parsed answer (its revised_prompt is the message text):
+    parsed from the key-free bytes."""
+    gw = await start_gateway(upstream={"max_retries": 0})
+    await simulator.script(["echo_key_body" + (";key_escaped" if escaped else "")])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.url + "/v1/images/generations", headers=gw.headers(),
+                             json={"model": MODEL, "prompt": "a secret garden", "response_format": "b64_json"}) as resp:
+            raw = await resp.read()
+            assert resp.status == 200
+            documents = assert_no_key(simulator.api_key, resp.headers, raw)
+    assert documents[0]["data"][0]["revised_prompt"].endswith("(key [redacted])")

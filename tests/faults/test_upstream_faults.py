@@ -264,5 +264,9 @@ async def test_a_safety_blocked_answer_is_relayed_as_sent_never_cached_and_logge
             status, raw, headers = await post(http, gw, body(seed=3))
             assert (status, raw, headers["x-cache"]) == (200, blocked, "MISS")
         assert len(up.received) == 2
-    logged = [r.access["finish_reason"] for r in caplog.records if r.name == ACCESS_LOGGER]
-    assert logged == ["IMAGE_SAFETY", "IMAGE_SAFETY"]
+
+    def logged() -> list[str]:
+        return [r.access["finish_reason"] for r in caplog.records if r.name == ACCESS_LOGGER]
+
+    await wait_for(lambda: len(logged()) == 2)  # the access line follows the settle, which follows the answer
+    assert logged() == ["IMAGE_SAFETY", "IMAGE_SAFETY"]

@@ -141,7 +141,10 @@ async def test_readyz_says_draining_at_once_connections_are_served_and_a_second_
     assert status == 503 and orjson.loads(raw) == {"status": "draining"}
     metrics = (await get(http, gw.url + "/metrics"))[1].decode()
     assert "gateway_draining 1.0" in metrics
-    assert (await post_json(http, gw, "still served during drain_delay_s"))[0] == 200
+    async with http.post(gw.url + "/v1/chat/completions", json=body("still served during drain_delay_s"),
+                         headers=HEADERS) as resp:  # and told to go elsewhere next time
+        assert (resp.status, resp.headers["Connection"]) == (200, "close")
+        await resp.read()
 
     gw.process.send_signal(signal.SIGTERM)  # the second: at once, not after 60 s
     events = await finish_stream(*stream)
@@ -170,6 +173,53 @@ async def test_what_outlives_shutdown_timeout_ends_with_shutting_down(
     assert day["requests"] == 2  # both admitted, both settled
     codes = sorted((line["status"], line["error_code"]) for line in access_lines(tmp_path, "gw0"))
     assert codes == [(200, "shutting_down"), (503, "shutting_down")]
+
+
+async def test_probes_answer_on_kept_alive_connections_after_the_listener_closed(
+        simulator, shared_redis, gateway_processes, http):
+    gw = gateway_processes(config(simulator, shared_redis, drain_delay_s=0, shutdown_timeout_s=60))
+    ready, health = (aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(2))
+    try:
+        for session in (ready, health):  # each keeps one connection open, opened before the drain
+            async with session.get(gw.url + "/healthz") as resp:
+                assert resp.status == 200 and "Connection" not in resp.headers
+        await simulator.script(["hold_ms=60000"])
+        stream = await open_stream(http, gw, "keeps the replica draining")
+
+        gw.process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: refused(gw.url))
+        async with ready.get(gw.url + "/readyz") as resp:
+            assert (resp.status, await resp.json(), resp.headers["Connection"]) == (503, {"status": "draining"}, "close")
+        async with health.get(gw.url + "/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+
+        gw.process.send_signal(signal.SIGTERM)  # the second: stop now
+        events = await finish_stream(*stream)
+        assert events[-1]["error"]["code"] == "shutting_down"
+        assert await exited(gw) == 0
+    finally:
+        await ready.close()
+        await health.close()
+
+
+async def test_a_json_answer_is_the_clients_before_a_stalled_settle_and_the_shutdown_timeout_spares_it(
+        simulator, fresh_redis_server, gateway_processes, http):
+    """The answer goes out before the settle: a hung store delays no answer, and the shutdown
+    timeout never turns an answer the provider was paid for into a 503 (the client would retry)."""
+    gw = gateway_processes(config(simulator, fresh_redis_server, drain_delay_s=0, shutdown_timeout_s=1))
+    await simulator.script(["latency_ms=1500"])
+    json_call = asyncio.create_task(post_json(http, gw, "answered, then settled"))
+    await simulator.wait_for_stats(lambda s: sum(s["inflight"].values()) == 1)
+    fresh_redis_server.pause()  # the settle that follows the answer hangs
+    try:
+        await simulator.wait_for_stats(lambda s: sum(s["inflight"].values()) == 0)
+        gw.process.send_signal(signal.SIGTERM)
+        status, answer = await json_call
+        assert status == 200 and answer["choices"][0]["message"]["images"]
+    finally:
+        fresh_redis_server.resume()
+    assert await exited(gw) == 0
+    assert (await ledger_day(fresh_redis_server.url, TEAM, today()))["requests"] == 1
 
 
 async def test_the_supervisor_drains_every_worker(simulator, shared_redis, gateway_processes, tmp_path):

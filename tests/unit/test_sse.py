@@ -192,3 +192,27 @@ def test_multiline_events_with_more_lone_newlines_than_scan_steps(size):
     for e in events:
         s.handle(event_data(e))
     assert (s.finish_reason, s.done, s.events) == ("length", True, 1)
+
+
+def test_a_whole_event_past_whole_max_drops_the_collector_and_is_skimmed():
+    """A provider streaming without separators must not grow a kept event without bound: the
+    collector (the cache) is let go, and the event is relayed skimmed."""
+    seen = []
+    scanner = EventScanner(seen.append, large=1 << 10, whole_max=1 << 16)
+    for event in scanner.feed(chunk({"content": "first"}) + b"\n\n"):
+        scanner.handle(event_data(event))
+    assert [e.choices[0].content for e in seen] == ["first"]
+    big = chunk({"images": [image_part("data:image/jpeg;base64," + IMAGE[:200_000])]})
+    for i in range(0, len(big), 4096):
+        assert scanner.feed(big[i:i + 4096]) == []
+    assert scanner.on_event is None  # nothing of this stream is cached
+    for event in scanner.feed(b"\n\n" + chunk({}, finish_reason="stop") + b"\n\ndata: [DONE]\n\n"):
+        scanner.handle(event_data(event))
+    assert (scanner.images_out, scanner.finish_reason, scanner.done) == (1, "stop", True)
+
+
+def test_a_whole_event_the_caller_needs_past_whole_max_is_a_bad_response():
+    scanner = EventScanner(whole=True, large=1 << 10, whole_max=1 << 16)
+    with pytest.raises(UpstreamBadResponse):
+        for _ in range(100):
+            scanner.feed(b"data: " + b"A" * 4096)
