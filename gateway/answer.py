@@ -85,23 +85,10 @@ def loads(data: bytes | bytearray | memoryview, *, chunk: bool = False, image_da
     except orjson.JSONDecodeError:
         raise UpstreamBadResponse("The upstream answered with a body that is not JSON.") from None
     if cut is not None:
-        obj = _restore(obj, view, cut.spans, image_data)
+        spans = cut.spans
+        obj = bigstrings.restore(obj, (lambda n: str(view[spans[n][0]:spans[n][1]], "ascii")) if image_data
+                                 else (lambda n: ""))
     return parse(obj, chunk=chunk)
-
-
-def _restore(value: Any, view: memoryview, spans: tuple[tuple[int, int], ...], image_data: bool) -> Any:
-    """``value`` with each placeholder back to its string (ASCII: ``base64_ok`` said so), in place."""
-    n = bigstrings.index(value)
-    if n is not None:
-        start, end = spans[n]
-        return str(view[start:end], "ascii") if image_data else ""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            value[key] = _restore(item, view, spans, image_data)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            value[i] = _restore(item, view, spans, image_data)
-    return value
 
 
 def parse(obj: Any, *, chunk: bool = False) -> Answer:

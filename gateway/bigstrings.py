@@ -21,7 +21,9 @@ data URL: strict base64 is a subset of printable ASCII) or parse the whole inste
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pybase64
 
@@ -82,6 +84,22 @@ def index(value: object) -> int | None:
     if type(value) is str and value[:1] == "\x00" and value[1:].isdigit():
         return int(value[1:])
     return None
+
+
+def restore(value: Any, string: Callable[[int], str | None]) -> Any:
+    """``value`` (a parsed skeleton) with each placeholder replaced by ``string(n)`` (kept where
+    that is None), in place."""
+    n = index(value)
+    if n is not None:
+        restored = string(n)
+        return value if restored is None else restored
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = restore(item, string)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            value[i] = restore(item, string)
+    return value
 
 
 def base64_ok(view: memoryview) -> bool:

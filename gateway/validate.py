@@ -95,7 +95,7 @@ def validate(raw: bytes, config: Config, limits: Limits) -> ChatRequest:
     used: set[int] = set()
     images = tuple(_image(param, url, raw, cut, used, max_bytes) for param, url in image_parts)
     if cut is not None and len(used) < len(cut.spans):
-        _restore(body, raw, cut, used)
+        bigstrings.restore(body, lambda n: None if n in used else _json_string(raw, *cut.spans[n]))
 
     if body["model"] != model.upstream_id:
         body["model"] = model.upstream_id
@@ -133,20 +133,6 @@ def _image(param: str, url: str, raw: bytes, cut: bigstrings.Cut | None, used: s
     except InvalidRequest:
         _json_string(raw, start, end)  # bytes that are no JSON string make the body invalid JSON
         raise
-
-
-def _restore(value: Any, raw: bytes, cut: bigstrings.Cut, used: set[int]) -> Any:
-    """``value`` with every placeholder that is no image's URL back to its string, in place."""
-    n = bigstrings.index(value)
-    if n is not None:
-        return value if n in used else _json_string(raw, *cut.spans[n])
-    if isinstance(value, dict):
-        for key, item in value.items():
-            value[key] = _restore(item, raw, cut, used)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            value[i] = _restore(item, raw, cut, used)
-    return value
 
 
 def _json_string(raw: bytes, start: int, end: int) -> str:
