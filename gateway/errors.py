@@ -92,6 +92,12 @@ class MethodNotAllowed(GatewayError):
 class RequestTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
+    @classmethod
+    def over(cls, limit_bytes: int) -> RequestTooLarge:
+        """A body over ``server.max_body_mb``: the connection closes (the rest is not read)."""
+        return cls(f"The request body is over the gateway's limit of {limit_bytes // (1024 * 1024)} MB.",
+                   headers={"Connection": "close"})
+
 
 class UnsupportedMediaType(GatewayError):
     status, type, code = 415, "invalid_request_error", "unsupported_media_type"

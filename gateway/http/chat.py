@@ -321,10 +321,7 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
         mime = ctype.split(";", 1)[0].strip().lower()
         if mime not in JSON_TYPES and not mime.endswith("+json"):
             raise UnsupportedMediaType(f"The body must be JSON (Content-Type: application/json), not {mime or 'empty'}.")
-    too_large = RequestTooLarge(
-        f"The request body is over the gateway's limit of {limit // (1024 * 1024)} MB.",
-        headers={"Connection": "close"},
-    )
+    too_large = RequestTooLarge.over(limit)
     length = request.content_length
     if length is not None and length > limit:
         raise too_large

@@ -208,8 +208,7 @@ async def _multipart(request: web.Request, limit: int) -> tuple[dict, tuple[tupl
             data += chunk
             size += len(chunk)
             if size > limit:
-                raise RequestTooLarge(f"The request body is over the gateway's limit of {limit // (1024 * 1024)} MB.",
-                                      headers={"Connection": "close"})
+                raise RequestTooLarge.over(limit)
         request[RECORD].bytes_in = size
         if part.name in FILE_FIELDS:
             declared = part.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip().lower()

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from gateway.config import Account, Limits, Quota, Team
 from gateway.errors import StoreUnavailable
-from gateway.store import StoreError
+from gateway.store import StoreError, as_text
 from gateway.usage import TOKEN_TYPES, Usage
 
 DAY_TTL_S = 40 * 86400
@@ -96,11 +96,7 @@ def increments(usage: Usage, *, cached: bool) -> list[Any]:
 
 def _decode(flat: list[Any] | None) -> dict[str, int]:
     flat = flat or []
-    return {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return {as_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
 def _shape(raw: Mapping[str, int]) -> dict[str, Any]:

@@ -32,19 +32,12 @@ from gateway.config import Config, Team
 from gateway.errors import StoreUnavailable
 from gateway.limits import answers, ledger
 from gateway.limits.leases import Renewer
-from gateway.limits.plan import Plans, _ids, _Plan, limit_keys, micro_usd
-from gateway.store import Store, StoreError
+from gateway.limits.plan import Plans, _ids, _Plan, micro_usd
+from gateway.store import Store, StoreError, as_text
 from gateway.usage import Usage, cost_usd, estimate
 from gateway.validate import ChatRequest
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Admission", "Limiter", "limit_keys"]  # limit_keys: re-exported for the tests that read the keys
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
 
 class Admission:
     """One admitted request: its headers and the one settle() that trues up its reservation (or
@@ -136,12 +129,12 @@ class Limiter(Renewer):
             log.info("store available again")
         headers = answers.headers(plan, r)
         if not int(r[0]):
-            limit = _s(r[1])
+            limit = as_text(r[1])
             if self.metrics is not None:
                 self.metrics.rejection(team.name, limit)
             raise answers.refusal(plan, limit, int(r[2]), int(r[3]), tokens, headers)
         self._track(plan, aid)
-        return Admission(self, plan, aid, date=_s(r[4]), month=_s(r[5]), reserved=tokens,
+        return Admission(self, plan, aid, date=as_text(r[4]), month=as_text(r[5]), reserved=tokens,
                          reserved_micro=micro, headers=headers)
 
     def _local_period(self) -> dict[str, str]:

@@ -84,6 +84,11 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def as_text(value: Any) -> str:
+    """A script's string answer as text: Redis answers bytes, the embedded store str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class StoreError(Exception):
     """Any failure talking to the store. ``down``: True when the store is really down (refused,
     reset, closed, unreachable, silent), the case for ``store.on_error``; False when it is up

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.limits.limiter import limit_keys
+from gateway.limits.plan import limit_keys
 from gateway.store import connect
 from tests.images import decode_data_url, image_bytes, open_image
 

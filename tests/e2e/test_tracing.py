@@ -26,7 +26,7 @@ from gateway.http.middleware import TRACING
 from gateway.http.record import RequestRecord
 from gateway.http.state import METRICS
 from gateway.keytool import hash_key
-from gateway.observability.accesslog import ACCESS_LOGGER, configure_logging, current_request
+from gateway.observability.accesslog import configure_logging, current_request
 from tests.fixtures.gateway import gateway_config, stop_gateway, team_key
 from tests.fixtures.otlp import Receiver, ReceivedSpan, otlp_receiver
 

@@ -17,7 +17,8 @@ import pytest
 from gateway.config import Limits, Quota
 from gateway.errors import StoreUnavailable
 from gateway.limits import ledger
-from gateway.limits.limiter import Limiter, limit_keys
+from gateway.limits.limiter import Limiter
+from gateway.limits.plan import limit_keys
 from gateway.store import connect
 from gateway.usage import Usage
 from tests.fixtures.gateway import wait_for

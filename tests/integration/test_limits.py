@@ -12,7 +12,8 @@ import pytest
 
 from gateway.config import Limits
 from gateway.errors import RateLimited, StoreUnavailable
-from gateway.limits.limiter import Limiter, limit_keys
+from gateway.limits.limiter import Limiter
+from gateway.limits.plan import limit_keys
 from gateway.store import connect
 from gateway.usage import Usage
 from tests.fixtures.redis import RedisClusterProcs

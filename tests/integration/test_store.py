@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from gateway.limits import ledger
-from gateway.limits.limiter import limit_keys
+from gateway.limits.plan import limit_keys
 from gateway.store import StoreError, connect
 from tests.fixtures.gateway import wait_for
 from tests.fixtures.redis import RedisServer
