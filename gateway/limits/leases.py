@@ -30,9 +30,9 @@ REPAY_BATCH = 500  # owed scripts in flight at once
 
 
 class Renewer:
-    """The live leases and what is owed to the store. ``start()`` runs the renewal task;
-    ``close()`` stops it. Store errors go to ``metrics.store_error(op)`` unless the store counts
-    them itself (its ``on_error`` hook)."""
+    """The live leases and what is owed to the store, held by the ``Limiter``. ``start()`` runs
+    the renewal task; ``close()`` stops it. Store errors go to ``metrics.store_error(op)`` unless
+    the store counts them itself (its ``on_error`` hook)."""
 
     def __init__(self, store: Store, lease_ttl_s: float, *, on_error: str, metrics: Any,
                  clock: Callable[[], float] | None) -> None:
@@ -46,17 +46,25 @@ class Renewer:
         self._task: asyncio.Task | None = None
         self._tick_s = lease_ttl_s / 3  # a lease is renewed twice before it could run out
 
-    def _now_arg(self) -> Any:
+    def now_arg(self) -> Any:
+        """The scripts' ``now`` argument: the injected clock's ms, or empty for the store's TIME."""
         return b"" if self.clock is None else self.clock() * 1000
 
-    def _store_failed(self, op: str, err: StoreError) -> None:
+    def store_failed(self, op: str, err: StoreError) -> None:
+        """Count a store error; warn once per outage."""
         if self.metrics is not None and getattr(self.store, "on_error", None) is None:
             self.metrics.store_error(op)
         if not self._degraded:
             self._degraded = True
             log.warning("store unavailable (%s): on_error=%s", err, self.on_error)
 
-    def _track(self, plan: _Plan, admission_id: str) -> None:
+    def store_answered(self) -> None:
+        """End the outage ``store_failed`` warned of, if any."""
+        if self._degraded:
+            self._degraded = False
+            log.info("store available again")
+
+    def track(self, plan: _Plan, admission_id: str) -> None:
         """Renew this admission's lease from now on."""
         entry = self._live.get(plan.leases_keys)
         if entry is None:
@@ -65,7 +73,7 @@ class Renewer:
 
     # ---- settles and releases ---------------------------------------------------------------------
 
-    async def _settle_call(self, plan: _Plan, admission_id: str, args: tuple) -> list | None:
+    async def settle(self, plan: _Plan, admission_id: str, args: tuple) -> list | None:
         """The settle.lua call (a settle or a release) that ends an admission, no longer renewed
         from now on: its answer, or None when the store failed and the call is owed (retried)."""
         entry = self._live.get(plan.leases_keys)
@@ -75,15 +83,16 @@ class Renewer:
         try:
             return await self.store.run_script("settle", keys, args)
         except StoreError as e:
-            self._store_failed("settle", e)
-            self._owe(keys, args)
+            self.store_failed("settle", e)
+            self.owe(keys, args)
             return None
 
-    def _release(self, plan: _Plan, admission_id: str) -> None:
+    def release_later(self, plan: _Plan, admission_id: str) -> None:
         """Undo, by its id, an admission the gateway gave up on; done by the renewal task."""
-        self._owe(plan.settle_keys(admission_id), plan.release_args(self._now_arg(), admission_id))
+        self.owe(plan.settle_keys(admission_id), plan.release_args(self.now_arg(), admission_id))
 
-    def _owe(self, keys: tuple, args: tuple) -> None:
+    def owe(self, keys: tuple, args: tuple) -> None:
+        """Keep a settle.lua call to retry until the store answers it; wake the task to try."""
         if len(self._owed) >= MAX_OWED:
             self._dropped(1)
             self._owed.popleft()
@@ -114,7 +123,7 @@ class Renewer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._repay()
+        await self.repay()
         if self._owed:
             self._dropped(len(self._owed))
             self._owed.clear()
@@ -134,18 +143,18 @@ class Renewer:
                         await self._wake.wait()
                 except TimeoutError:
                     next_renewal += self._tick_s
-                    jobs.add(task := loop.create_task(self._renew()))
+                    jobs.add(task := loop.create_task(self.renew()))
                     task.add_done_callback(jobs.discard)
                 self._wake.clear()
                 if self._owed and (repaying is None or repaying.done()):
-                    jobs.add(repaying := loop.create_task(self._repay()))
+                    jobs.add(repaying := loop.create_task(self.repay()))
                     repaying.add_done_callback(jobs.discard)
         finally:
             for task in jobs:
                 task.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
 
-    async def _renew(self) -> None:
+    async def renew(self) -> None:
         """One renew.lua call per team with live admissions here: its leases, and theirs in the
         account's."""
         calls = []
@@ -156,15 +165,15 @@ class Renewer:
             ids_now = tuple(ids)
             calls.append(self.store.run_script(
                 "renew", (*keys, *map(plan.record_key, ids_now)),
-                (self._now_arg(), math.ceil(self.lease_ttl_s * 1000), len(keys), *ids_now),
+                (self.now_arg(), math.ceil(self.lease_ttl_s * 1000), len(keys), *ids_now),
                 timeout_s=2 * self._tick_s))
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, StoreError):  # the next tick tries again, well within the ttl
-                self._store_failed("renew", result)
+                self.store_failed("renew", result)
             elif isinstance(result, Exception):
                 log.error("lease renewal failed", exc_info=result)
 
-    async def _repay(self) -> None:
+    async def repay(self) -> None:
         """Run what is owed, ``REPAY_BATCH`` at a time, oldest first, until the store fails one:
         what failed, and what was not tried, stays owed (in place) for the next tick."""
         while self._owed:

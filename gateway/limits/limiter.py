@@ -15,7 +15,8 @@ cancelled while its script was in flight) is released by its id once the store a
 again, even if the late admit runs after the release. ``Admission.release()`` is that release
 for an admission the gateway took but will not use (an n-image request refused at a later
 admission): as if it never happened, its request in requests_per_minute included. Lease
-renewal and the retries of failed settles and releases are the ``Renewer``'s (leases.py).
+renewal and the retries of failed settles and releases are the ``Renewer``'s (leases.py),
+which the limiter holds as ``leases``.
 
 ``metrics`` (optional) needs: ``rejection(team, limit)``, ``store_error(op)``,
 ``quota_remaining(team, quota, value)`` and ``account_quota_remaining(quota, value)``. Store errors are counted by the store's own
@@ -24,7 +25,6 @@ renewal and the retries of failed settles and releases are the ``Renewer``'s (le
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, Callable
 
@@ -37,7 +37,6 @@ from gateway.store import Store, StoreError, as_text
 from gateway.usage import Usage, cost_usd, estimate
 from gateway.validate import ChatRequest
 
-log = logging.getLogger(__name__)
 
 class Admission:
     """One admitted request: its headers and the one settle() that trues up its reservation (or
@@ -72,22 +71,30 @@ class Admission:
         if self._settled:
             return
         self._settled = True
-        lim = self.limiter
-        await asyncio.shield(lim._settle_call(self.plan, self.id, self.plan.release_args(lim._now_arg(), self.id)))
+        leases = self.limiter.leases
+        await asyncio.shield(leases.settle(self.plan, self.id, self.plan.release_args(leases.now_arg(), self.id)))
 
 
-class Limiter(Renewer):
+class Limiter:
     """Admission against the shared store; one instance per app, used by every request.
-    ``start()`` runs the renewal task (leases, retries); ``close()`` stops it."""
+    ``start()`` runs its ``leases``' renewal task (leases, retries); ``close()`` stops it."""
 
     def __init__(self, store: Store, config: Config, *, on_error: str = "open", metrics: Any = None,
                  clock: Callable[[], float] | None = None, lease_ttl_s: float | None = None) -> None:
         if on_error not in ("open", "closed"):
             raise ValueError(f"store.on_error: must be open or closed, got {on_error!r}")
-        super().__init__(store, lease_ttl_s or config.store.lease_ttl_s, on_error=on_error, metrics=metrics,
-                         clock=clock)
-        self.config = config
-        self._plans = Plans(config, self.lease_ttl_s)
+        self.store, self.config, self.metrics, self.clock = store, config, metrics, clock
+        self.leases = Renewer(store, lease_ttl_s or config.store.lease_ttl_s, on_error=on_error, metrics=metrics,
+                              clock=clock)
+        self._plans = Plans(config, self.leases.lease_ttl_s)
+
+    def start(self) -> None:
+        """Run the renewal task (call from within the running loop)."""
+        self.leases.start()
+
+    async def close(self) -> None:
+        """Stop the renewal task; make one last attempt at what is still owed."""
+        await self.leases.close()
 
     def _plan(self, team: Team) -> _Plan:
         return self._plans.of(team)
@@ -96,7 +103,7 @@ class Limiter(Renewer):
         """A reloaded config, for the admissions to come; those made already settle by their own
         plans, and a request of an earlier snapshot is still admitted by its config's. (The lease
         ttl, and so the renewal tick, stays: ``store.*`` needs a restart.)"""
-        self.config, self.on_error = config, config.store.on_error
+        self.config, self.leases.on_error = config, config.store.on_error
         self._plans.add(config)
 
     async def admit(self, team: Team, request: ChatRequest, *, deadline: float | None = None) -> Admission:
@@ -112,28 +119,26 @@ class Limiter(Renewer):
         wait = {} if deadline is None else {"timeout_s": max(0.0, deadline - asyncio.get_running_loop().time())}
         try:
             r = await self.store.run_script("admit", (plan.record_key(aid), *plan.admit_keys),
-                                            (self._now_arg(), tokens, micro, aid, *plan.admit_args), **wait)
+                                            (self.leases.now_arg(), tokens, micro, aid, *plan.admit_args), **wait)
         except asyncio.CancelledError:  # the script may run all the same: undo it by its id
-            self._release(plan, aid)
+            self.leases.release_later(plan, aid)
             raise
         except StoreError as e:
-            self._release(plan, aid)  # it may have run, or run late
+            self.leases.release_later(plan, aid)  # it may have run, or run late
             if not getattr(e, "down", True):  # slow, not down: not a case for on_error
                 raise StoreUnavailable("The limits store did not answer in time; retry shortly.") from None
-            self._store_failed("admit", e)
-            if self.on_error == "closed":
+            self.leases.store_failed("admit", e)
+            if self.leases.on_error == "closed":
                 raise StoreUnavailable() from None
             return Admission(self, plan, _ids.next(), **self._local_period())  # unchecked, but settled
-        if self._degraded:
-            self._degraded = False
-            log.info("store available again")
+        self.leases.store_answered()
         headers = answers.headers(plan, r)
         if not int(r[0]):
             limit = as_text(r[1])
             if self.metrics is not None:
                 self.metrics.rejection(team.name, limit)
             raise answers.refusal(plan, limit, int(r[2]), int(r[3]), tokens, headers)
-        self._track(plan, aid)
+        self.leases.track(plan, aid)
         return Admission(self, plan, aid, date=as_text(r[4]), month=as_text(r[5]), reserved=tokens,
                          reserved_micro=micro, headers=headers)
 
@@ -144,9 +149,9 @@ class Limiter(Renewer):
     async def _settle(self, adm: Admission, usage: Usage, cached: bool) -> None:
         plan = adm.plan
         charged, micro = (0, 0) if cached else (usage.total, micro_usd(usage.cost_usd))
-        args = (self._now_arg(), adm.id, charged, micro, adm.reserved, adm.reserved_micro, adm.date, adm.month,
+        args = (self.leases.now_arg(), adm.id, charged, micro, adm.reserved, adm.reserved_micro, adm.date, adm.month,
                 *plan.settle_args, *ledger.increments(usage, cached=cached))
-        r = await self._settle_call(plan, adm.id, args)
+        r = await self.leases.settle(plan, adm.id, args)
         if r is None or not int(r[0]):
             return
         adm.remaining = ledger.remaining(plan.team.quota, int(r[1]), int(r[3]))

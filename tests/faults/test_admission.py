@@ -56,10 +56,10 @@ async def test_admissions_given_up_in_a_stall_are_released_when_the_store_answer
         task.cancel()
     await asyncio.gather(*left, return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) and r.status == 503 for r in results), results
-    assert lim.owed == 30  # kept until the store answers
+    assert lim.leases.owed == 30  # kept until the store answers
 
     fresh_redis_server.resume()
-    await wait_for(lambda: lim.owed == 0, timeout_s=15)  # every release ran
+    await wait_for(lambda: lim.leases.owed == 0, timeout_s=15)  # every release ran
 
     leases_key = limit_keys(t.name)[2]
     assert await store.client.zrange(leases_key, 0, -1) == [held.id.encode()]

@@ -157,7 +157,7 @@ async def test_redis_failing_mid_load_answers_promptly_then_recovers(fresh_redis
     await _until(lambda: store.healthy and "ok" in outcomes[during:], 10, "the store did not recover")
     stop.set()
     await load
-    await _until(lambda: lim.owed == 0, 10, "what was given up was not released")
+    await _until(lambda: lim.leases.owed == 0, 10, "what was given up was not released")
     leases = await store.client.zcard(limit_keys(t.name)[2])
     await lim.close()
     await store.close()

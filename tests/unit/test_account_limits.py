@@ -91,7 +91,7 @@ class TestAccountBehaviour:
         first, second = await lim.admit(a, request()), await lim.admit(b, request())
         for _ in range(3):  # 27 s: past the lease ttl, renewed meanwhile
             clock.advance(9)
-            await lim._renew()
+            await lim.leases.renew()
             with pytest.raises(RateLimited) as e:
                 await lim.admit(b, request())
             assert e.value.limit == "account_max_concurrent"
@@ -194,8 +194,8 @@ class TestAccountBehaviour:
         with pytest.raises(asyncio.CancelledError):
             await caller
         await stalled.done.wait()
-        await lim._repay()
-        assert lim.owed == 0
+        await lim.leases.repay()
+        assert lim.leases.owed == 0
         _, tpm, leases = limit_keys(None)
         assert await store.client.zcard(leases) == 0 and await store.client.exists(tpm) == 0
         day = (await ledger.read_usage(store, None, day=TODAY))["day"]
@@ -230,7 +230,7 @@ async def test_team_and_account_are_one_round_trip_each(store):
     u = await lim.admit(team(), request())  # a team without limits is still checked against the account
     assert counting.calls == ["admit", "admit"]
     await asyncio.gather(a.settle(Usage(prompt=1)), u.settle(Usage(prompt=1)))
-    await lim._renew()
+    await lim.leases.renew()
     assert counting.calls == ["admit", "admit", "settle", "settle"]  # settled: nothing left to renew
 
 
@@ -259,8 +259,8 @@ async def test_across_a_reload_each_snapshot_keeps_its_account_and_renewals_stay
     assert e.value.limit == "account_requests_per_minute" and "requests_per_minute (3)" in e.value.message
     assert (await lim.admit(new_team, request())).reserved == 2300
     before = len(counting.calls)
-    await lim._renew()
-    await lim._renew()
+    await lim.leases.renew()
+    await lim.leases.renew()
     assert counting.calls[before:] == ["renew", "renew"]  # one call per team per tick
     _, _, leases = limit_keys(old_team.name)
     assert await store.client.zcard(leases) == 5

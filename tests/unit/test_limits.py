@@ -398,7 +398,7 @@ class TestBehaviour:
         a = await lim.admit(t, request())
         for _ in range(5):  # 45 s: four and a half ttls
             clock.advance(9)
-            await lim._renew()
+            await lim.leases.renew()
             with pytest.raises(RateLimited):
                 await lim.admit(t, request())
         await a.settle(Usage(prompt=1))
@@ -416,8 +416,8 @@ class TestBehaviour:
         with pytest.raises(asyncio.CancelledError):
             await caller
         await stalled.done.wait()
-        await lim._repay()
-        assert lim.owed == 0
+        await lim.leases.repay()
+        assert lim.leases.owed == 0
         await assert_nothing_held(store, lim, t)
 
     async def test_a_release_that_runs_before_the_late_admit_leaves_a_tombstone(self, store):
@@ -429,7 +429,7 @@ class TestBehaviour:
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
-        await lim._repay()  # the release reaches the store first
+        await lim.leases.repay()  # the release reaches the store first
         stalled.go.set()
         assert int((await stalled.done_result())[0]) == 0  # the late admit found the tombstone
         await assert_nothing_held(store, lim, t)
@@ -472,9 +472,9 @@ class TestBehaviour:
         lim = Limiter(lossy, CONFIG, clock=Clock())
         a = await lim.admit(t, request())
         await a.settle(Usage(prompt=100, completion=200, cost_usd=0.5))  # ran, but its answer was lost
-        assert lim.owed == 1
-        await lim._repay()
-        assert lim.owed == 0
+        assert lim.leases.owed == 1
+        await lim.leases.repay()
+        assert lim.leases.owed == 0
         day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25)))["day"]
         assert day["requests"] == 1 and day["tokens"]["prompt"] == 100 and day["quota_tokens"] == 300
         month = (await ledger.read_usage(store, t.name, month="2026-11"))["month"]
@@ -570,9 +570,9 @@ async def test_a_settle_the_store_never_took_is_kept_then_dropped_loudly_at_shut
     lim = Limiter(BrokenStore(), CONFIG, on_error="open", metrics=metrics, clock=Clock())
     a = await lim.admit(team(Limits(requests_per_minute=1)), request())
     await a.settle(Usage(prompt=1, completion=1))
-    assert lim.owed == 2  # the settle, and the release of the admission the store never answered
+    assert lim.leases.owed == 2  # the settle, and the release of the admission the store never answered
     await lim.close()
-    assert lim.owed == 0 and metrics.errors[-1] == "settle_dropped"
+    assert lim.leases.owed == 0 and metrics.errors[-1] == "settle_dropped"
     assert "dropped" in caplog.text
 
 
@@ -675,10 +675,10 @@ async def test_owed_settles_reach_a_store_that_came_back_in_bounded_batches(stor
     t, n = team(), 2 * REPAY_BATCH + 100
     for adm in [await lim.admit(t, request()) for _ in range(n)]:
         await adm.settle(Usage(prompt=1, completion=2))
-    assert lim.owed == n
+    assert lim.leases.owed == n
     flaky.down = False
-    await lim._repay()
-    assert lim.owed == 0 and flaky.calls.count("settle") == n
+    await lim.leases.repay()
+    assert lim.leases.owed == 0 and flaky.calls.count("settle") == n
     assert flaky.most_in_flight == REPAY_BATCH
     day = (await ledger.read_usage(store, t.name, day=date(2026, 11, 25), month="2026-11"))["day"]
     assert day["requests"] == n and day["tokens"]["prompt"] == n and day["tokens"]["completion"] == 2 * n
