@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 from aiohttp import web
 
 from gateway import answer as answer_mod
 from gateway import cache as cache_mod
+from gateway import offload
 from gateway.answer import Answer
-from gateway.config import CacheConfig
+from gateway.config import CacheConfig, Team
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.body import SlicedBody
-from gateway.upstream.relay import (OFFLOAD_PARSE_BYTES, error_passthrough, first_chunk, provider_code, read_json,
+from gateway.upstream.relay import (error_passthrough, first_chunk, provider_code, read_json,
                                     relay_sse, write_counted)
 from gateway.upstream.secrets import allowed_headers
 from gateway.upstream.sse import EventScanner
@@ -73,24 +76,43 @@ class Served:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    app, rec, snapshot = request.app, request[RECORD], request[SNAPSHOT]
-    config = snapshot.config  # the config this request runs under to its end, whatever a reload does
-    team, rec.key_fingerprint = snapshot.auth.identify(request)
-    rec.team = team.name
+    app, rec = request.app, request[RECORD]
+    config = request[SNAPSHOT].config  # the config this request runs under to its end, whatever a reload does
+    team = identify(request)
     links = image_links(request, team.images)  # a bad X-Image-Delivery is refused before anything else
     raw = await read_body(request, config.server.max_body_bytes)
     rec.bytes_in = len(raw)
     chat = await validate_async(raw, config, team.limits)
-    rec.model, rec.stream = chat.model.id, chat.stream
-    decision = await cache_mod.decide_async(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
-    rec.cache = decision.label
-    deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s  # the request's one deadline
-    with rec.span("admission"):
+    rec.stream = chat.stream
+    async with admitting(request, team, chat) as (decision, deadline):
         admission = await app[LIMITER].admit(team, chat, deadline=deadline)
-    rec.reach(Phase.ADMITTED)
     served = Served(deadline=deadline, links=links, max_event=max_event_bytes(team.cache.max_entry_bytes))
     with app[METRICS].inflight(rec.team):
         return await run(request, chat, decision, admission, served)
+
+
+def identify(request: web.Request) -> Team:
+    """The caller's team, named on the record; a bad key is refused before the body is read."""
+    rec = request[RECORD]
+    team, rec.key_fingerprint = request[SNAPSHOT].auth.identify(request)
+    rec.team = team.name
+    return team
+
+
+@asynccontextmanager
+async def admitting(request: web.Request, team: Team,
+                    chat: ChatRequest) -> AsyncIterator[tuple[cache_mod.CacheDecision, float]]:
+    """A validated request up to its admission, the same for every route: yields its cache
+    decision (from its ``Cache-Control`` headers) and its one deadline; the caller admits it in
+    the block (the ``admission`` span), which leaves the request ADMITTED when it ends cleanly."""
+    rec = request[RECORD]
+    rec.model = chat.model.id
+    decision = await cache_mod.decide_async(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
+    rec.cache = decision.label
+    deadline = asyncio.get_running_loop().time() + request[SNAPSHOT].config.upstream.timeout_s
+    with rec.span("admission"):
+        yield decision, deadline
+    rec.reach(Phase.ADMITTED)
 
 
 async def run(request: web.Request, chat: ChatRequest, decision, admission, served: Served) -> web.StreamResponse | None:
@@ -199,7 +221,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     rec.response_model = answer.model or rec.response_model
     served.usage = _usage(chat, answer.usage, answer.images_out)
     _note_finish(rec, answer.native_finish_reason, answer.finish_reason)
-    response, big = None, len(body) > OFFLOAD_PARSE_BYTES
+    response, size = None, len(body)  # the provider's answer, before any rewrite: what the entry decodes
     if served.collect:
         served.answer = answer
     else:
@@ -214,7 +236,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         await _finish(response, rec)
     entry = None
     if decision.store:  # decoding the images is CPU work: off the loop when it is big
-        entry = await asyncio.to_thread(cache_mod.entry_from_answer, answer) if big else cache_mod.entry_from_answer(answer)
+        entry = await offload.run(cache_mod.entry_from_answer, answer, size=size)
     return response, entry
 
 

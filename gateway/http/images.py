@@ -31,9 +31,8 @@ from aiohttp import web
 from gateway import cache as cache_mod
 from gateway import offload
 from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamBadResponse
-from gateway.http.chat import Served, charged, read_body, run
+from gateway.http.chat import Served, admitting, charged, identify, read_body, run
 from gateway.http.files import image_links
-from gateway.http.record import Phase
 from gateway.http.state import LIMITER, METRICS, RECORD, SNAPSHOT
 from gateway.images import openai
 from gateway.images.inputs import sniff
@@ -55,10 +54,9 @@ async def edits(request: web.Request) -> web.StreamResponse:
 
 
 async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
-    app, rec, snapshot = request.app, request[RECORD], request[SNAPSHOT]
-    config = snapshot.config
-    team, rec.key_fingerprint = snapshot.auth.identify(request)
-    rec.team = team.name
+    app, rec = request.app, request[RECORD]
+    config = request[SNAPSHOT].config
+    team = identify(request)
     req = await _read(request, config.server.max_body_bytes, team.images.max_n, edit=edit)
     if rec.trace is not None:
         rec.trace.choices(req.n)
@@ -70,19 +68,14 @@ async def _images(request: web.Request, *, edit: bool) -> web.StreamResponse:
     except InvalidRequest as e:  # named as the client sent it, not as the chat call it became
         param = openai.image_param(e.param, req)
         raise InvalidRequest(e.message.replace(e.param or "", param, 1), code=e.code, param=param) from None
-    rec.model = chat.model.id
-    decision = await cache_mod.decide_async(team, chat, ", ".join(request.headers.getall("Cache-Control", [])) or None)
-    rec.cache = decision.label
-    deadline = asyncio.get_running_loop().time() + config.upstream.timeout_s
     admissions = []
     try:
-        with rec.span("admission"):
+        async with admitting(request, team, chat) as (decision, deadline):
             for _ in range(req.n):
                 admissions.append(await app[LIMITER].admit(team, chat, deadline=deadline))
     except BaseException:  # all or none: those admitted already are undone
         await asyncio.shield(asyncio.gather(*(a.release() for a in admissions)))
         raise
-    rec.reach(Phase.ADMITTED)
     served = [Served(deadline=deadline, collect=True) for _ in admissions]
     try:
         with app[METRICS].inflight(rec.team):  # one request in flight, however many calls

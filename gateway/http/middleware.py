@@ -141,7 +141,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = _http_error(exc)
+        err = _http_error(exc, request.app)
     except web.RequestPayloadError:  # aiohttp could not decode the body (chunks, gzip) as it was read
         err = InvalidRequest("The request body could not be read: its chunked or content encoding is not valid.")
     except Exception:
@@ -163,10 +163,10 @@ def _cut_answer(request: web.Request, rec: RequestRecord, code: str) -> web.Resp
     return web.Response(status=rec.status)
 
 
-def _http_error(exc: web.HTTPException) -> GatewayError:
+def _http_error(exc: web.HTTPException, app: web.Application) -> GatewayError:
     """aiohttp's own refusals (no such route, wrong method, body too large) in our shape."""
     if exc.status == 404:
-        return NotFound("No route for this path. The gateway serves /v1/chat/completions, /v1/models and /v1/usage.")
+        return NotFound(f"No route for this path. The gateway serves {_served_routes(app)}.")
     if exc.status == 405:
         return MethodNotAllowed("This route does not take that method.")
     if exc.status == 413:
@@ -174,6 +174,12 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
     err = InvalidRequest(exc.reason or "The request was refused.")
     err.status = exc.status
     return err
+
+
+def _served_routes(app: web.Application) -> str:
+    """Every route the app serves, read from its router (``app.create_app`` is the one list)."""
+    return ", ".join(f"{route.method} {route.resource.canonical}" for route in app.router.routes()
+                     if route.method != "HEAD" and route.resource is not None)
 
 
 @web.middleware

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
+from gateway import offload
+
 from . import completions, errors, faults, images, inputs, misbehave, parse
 from .completions import Reply
 from .faults import Fault, FaultSpecError
@@ -28,7 +30,6 @@ FAULT_HEADER = "X-Sim-Fault"
 FAULT_FIELD = "sim_fault"
 MAX_BODY_BYTES = 256 * 1024 * 1024  # above the provider's 100 MB inline limit: the gateway caps first
 _GARBAGE = b"<html><body><h1>Service temporarily overloaded</h1></body></html>\n"
-_OFFLOAD_JSON_BYTES = 1024 * 1024  # parse bigger bodies in a thread
 
 
 class Simulator:
@@ -105,7 +106,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIMULATOR]
     raw = await request.read()
-    body = await asyncio.to_thread(_loads, raw) if len(raw) > _OFFLOAD_JSON_BYTES else _loads(raw)
+    body = await offload.run(_loads, raw, size=len(raw))
     record = CallRecord(*parse.peek(body), traceparent=request.headers.get("traceparent"))
     with sim.stats.track(record):
         try:

@@ -10,7 +10,6 @@ the handler decides from the request's phase how the client sees it.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -18,7 +17,7 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway import answer
+from gateway import answer, offload
 from gateway.errors import UpstreamBadResponse
 from gateway.http.record import RequestRecord
 from gateway.images import deliver
@@ -30,7 +29,6 @@ from gateway.upstream.sse import EventScanner, event_data
 log = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 1 << 20  # an error body is read whole up to this; a larger one is not an error body
-OFFLOAD_PARSE_BYTES = 1 << 20  # parse JSON this large in a thread, off the event loop
 ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a provider's error code we log and label with
 
 
@@ -66,9 +64,7 @@ async def read_json(resp: UpstreamResponse, guard: KeyGuard, *, image_data: bool
     Answer (what the cache and the Images API keep) is parsed from the cleaned bytes, never the raw.
     ``image_data``: see ``answer.loads`` (False when only the bytes are relayed)."""
     body = await resp.read()
-    if len(body) > OFFLOAD_PARSE_BYTES:
-        return await asyncio.to_thread(_clean_and_parse, guard.stream(), body, image_data)
-    return _clean_and_parse(guard.stream(), body, image_data)
+    return await offload.run(_clean_and_parse, guard.stream(), body, image_data, size=len(body))
 
 
 def _clean_and_parse(checker: StreamGuard, body: bytes, image_data: bool) -> tuple[bytes, answer.Answer]:
@@ -121,12 +117,9 @@ async def _pass(response: web.StreamResponse, data: bytes, rec: RequestRecord, s
         await write_counted(response, data, rec)
     for event in scanner.feed(data):
         payload = event_data(event)
-        if payload is not None and len(payload) > OFFLOAD_PARSE_BYTES:
-            # Parsing a big event (and a cache collector decoding its image) is CPU
-            # work that would stall every other stream: do it off the event loop.
-            await asyncio.to_thread(scanner.handle, payload)
-        else:
-            scanner.handle(payload)
+        # Parsing a big event (and a cache collector decoding its image) is CPU work that
+        # would stall every other stream.
+        await offload.run(scanner.handle, payload, size=len(payload) if payload is not None else 0)
         if links is not None:
             await write_counted(response, await deliver.rewrite_event(event, links) + b"\n\n", rec)
 

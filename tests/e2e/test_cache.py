@@ -106,9 +106,13 @@ def parse_answer(status: int, headers: Any, raw: bytes) -> Answer:
 
 async def post(http: aiohttp.ClientSession, gw: RunningGateway, payload: dict, team: str = "alpha",
                **headers: str) -> Answer:
+    """One request, returned once the gateway is done with it: its cache entry written (a JSON
+    answer reaches the client before that), as the next request would find it."""
     async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers(team, **headers)) as resp:
         raw = await resp.read()
-        return parse_answer(resp.status, resp.headers, raw)
+        answer = parse_answer(resp.status, resp.headers, raw)
+    await gw.idle()
+    return answer
 
 
 def assert_clean_error(answer: Answer) -> None:
@@ -141,6 +145,7 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 
 
 async def usage_of(http: aiohttp.ClientSession, gw: RunningGateway, team: str = "alpha") -> dict:
+    await gw.idle()  # the ledger is written after the answer
     async with http.get(gw.url + "/v1/usage", headers=gw.headers(team)) as resp:
         assert resp.status == 200
         return await resp.json()
@@ -319,6 +324,7 @@ async def test_the_openai_sdk_reads_hits_streamed_and_not(gw, simulator):
         raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, seed=3)
         assert raw.headers["x-cache"] == "MISS"
         first = raw.parse()
+        await gw.idle()  # its entry is written after the answer
         raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, seed=3)
         assert raw.headers["x-cache"] == "HIT" and "age" in raw.headers
         second = raw.parse()

@@ -106,6 +106,7 @@ async def test_byte_for_byte_relay_of_a_canned_stream(start_gateway, http):
         gw = await start_gateway(upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
         async with http.post(gw.url + "/v1/chat/completions", json=body(stream=True), headers=gw.headers()) as resp:
             assert await resp.read() == canned
+        await gw.idle()  # settled after the answer
         usage = await (await http.get(gw.url + "/v1/usage", headers=gw.headers())).json()
         assert usage["day"]["tokens"]["image"] == 1120
         assert usage["day"]["images_out"] == 1

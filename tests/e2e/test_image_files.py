@@ -123,6 +123,7 @@ async def test_the_route_is_counted_with_its_status_and_no_team(served):
     await get(http, url)
     await get(http, url, Range="bytes=0-9")
     await get(http, tamper(url, "signature"))
+    await gw.idle()  # counted after the answer
     _, _, text = await get(http, f"{gw.url}/metrics")
     lines = [line for line in text.decode().splitlines()
              if line.startswith("gateway_requests_total{") and 'team="none"' in line]

@@ -37,7 +37,9 @@ async def chat(env, team: str = "alpha", **kw) -> tuple[int, dict, bytes]:
     gw, http, _ = env
     headers = gw.headers(team, **kw.pop("headers", {}))
     async with http.post(gw.url + "/v1/chat/completions", json=body(**kw), headers=headers) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
+        answer = resp.status, resp.headers.copy(), await resp.read()
+    await gw.idle()  # its cache entry is written after the answer
+    return answer
 
 
 async def fetch(env, url: str) -> bytes:

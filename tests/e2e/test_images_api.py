@@ -185,6 +185,7 @@ async def test_partial_failure_answers_what_came_back_and_charges_what_ran(gw, c
     raw = await client.images.with_raw_response.generate(prompt="partial", n=3)
     r = raw.parse()
     assert len(r.data) == 2 and raw.headers["x-images-failed"] == "1"
+    await gw.idle()  # settled after the answer
     async with http.get(gw.url + "/v1/usage", headers=gw.headers()) as resp:
         day = (await resp.json())["day"]
     assert day["images_out"] == 2
@@ -196,6 +197,7 @@ async def test_partial_failure_answers_what_came_back_and_charges_what_ran(gw, c
 
 
 async def usage_day(http, gw, team: str) -> dict:
+    await gw.idle()  # the ledger is written after the answer
     async with http.get(gw.url + "/v1/usage", headers=gw.headers(team)) as resp:
         assert resp.status == 200
         return (await resp.json())["day"]
@@ -259,6 +261,7 @@ async def test_metrics_and_access_log_count_it_like_a_chat_request(gw, client, h
     caplog.set_level("INFO", logger="gateway.access")
     upload = image_bytes("PNG", (32, 32))
     r = await client.images.edit(image=[("a.png", upload, "image/png")] * 2, prompt="metered", n=2)
+    await gw.idle()  # counted and logged after the answer
     async with http.get(gw.url + "/metrics") as resp:
         samples = [s for f in text_string_to_metric_families(await resp.text()) for s in f.samples]
 
@@ -282,6 +285,7 @@ async def test_a_repeat_is_answered_from_the_cache_image_by_image(gw, simulator)
         first = await c.images.with_raw_response.generate(prompt="cached boats", n=2)
         calls = (await simulator.stats())["calls"]
         assert calls == before + 2  # two images, two calls: never one image handed out twice
+        await gw.idle()  # the entries are written after the answer
         again = await c.images.with_raw_response.generate(prompt="cached boats", n=2)
     assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
     assert (await simulator.stats())["calls"] == calls  # each image its own entry: both hit
@@ -300,5 +304,6 @@ async def test_one_request_of_concurrent_calls_is_one_in_flight_and_waits_as_lon
         samples = [s for f in text_string_to_metric_families(await resp.text()) for s in f.samples]
     assert [s.value for s in samples if s.name == "gateway_inflight_requests" and s.labels["team"] == "alpha"] == [1]
     assert len((await call).data) == 2
+    await gw.idle()  # logged after the answer
     line = next(r.access for r in caplog.records if getattr(r, "access", {}).get("path") == "/v1/images/generations")
     assert line["upstream_ms"] <= line["duration_ms"]

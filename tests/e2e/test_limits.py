@@ -112,11 +112,14 @@ class Caller:
             return resp.status, resp.headers.copy(), orjson.loads(raw)
 
     async def get(self, path: str, key: str | None) -> tuple[int, dict]:
+        """A read after the gateway finished every request (a JSON answer comes before its settle)."""
+        await self.gw.idle()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with self.http.get(self.gw.url + path, headers=headers) as resp:
             return resp.status, await resp.json(content_type=None)
 
     async def metric(self, name: str, **labels: str) -> float:
+        await self.gw.idle()  # the metrics follow the answer
         async with self.http.get(self.gw.url + "/metrics") as resp:
             text = await resp.text()
         return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples

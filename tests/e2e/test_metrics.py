@@ -189,9 +189,10 @@ async def run_traffic(start_gateway) -> Traffic:
             async with http.post(url, json=body, headers=headers) as resp:
                 raw = await resp.read()
                 assert resp.status == status, raw[:500]
-                if body.get("stream") and status == 200:
-                    return sse_payloads(raw), resp.headers
-                return orjson.loads(raw), resp.headers
+            await gw.idle()  # counted, cached and logged after the answer: the next step sees it all
+            if body.get("stream") and status == 200:
+                return sse_payloads(raw), resp.headers
+            return orjson.loads(raw), resp.headers
 
         async def ttfb_count(team: str) -> float:
             async with http.get(gw.url + "/metrics") as resp:
@@ -414,6 +415,7 @@ async def test_every_authenticated_route_is_labelled_with_its_team_and_counts_it
             async with http.request(method, gw.url + path, json=body, headers=gw.headers("design")) as resp:
                 assert resp.status == 200
                 sizes[path] = len(await resp.read())
+        await gw.idle()  # counted and logged after the answer
         async with http.get(gw.url + "/metrics") as resp:
             requests = samples(parse(await resp.text()), "gateway_requests_total",
                                "team", "model", "status", "cache", "stream")

@@ -26,6 +26,7 @@ async def test_an_upstream_error_quoting_the_key_is_redacted(start_gateway, simu
         async with http.post(gw.url + "/v1/chat/completions", json=body(sim_fault=f"status={status};echo_key"), headers=gw.headers()) as resp:
             text = await resp.text()
             assert resp.status == status
+    await gw.idle()  # every line of the request is logged
     assert "Incorrect API key provided: [redacted]" in text  # the provider's error, passed through
     assert simulator.api_key not in text and simulator.api_key[:8] not in text
     assert gw.key() not in text  # what went upstream was the gateway's key, not the team's
@@ -39,6 +40,7 @@ async def test_the_provider_refusing_our_key_is_a_502_that_names_no_key(start_ga
         async with http.post(gw.url + "/v1/chat/completions", json=body(sim_fault="status=401;echo_key"), headers=gw.headers()) as resp:
             err = (await resp.json())["error"]
             assert resp.status == 502
+    await gw.idle()  # every line of the request is logged
     assert err["code"] == "upstream_bad_response" and "credentials" in err["message"]
     assert simulator.api_key not in str(err) and simulator.api_key not in caplog.text
 
@@ -65,6 +67,7 @@ async def test_no_response_or_log_line_carries_a_key(start_gateway, simulator, c
         for method, path, payload in calls:
             async with http.request(method, gw.url + path, json=payload, headers=gw.headers()) as resp:
                 seen.append(str(dict(resp.headers)) + (await resp.read()).decode("utf-8", "replace"))
+    await gw.idle()  # every line of every request is logged
     everything = "\n".join(seen) + caplog.text
     assert simulator.api_key not in everything
     assert gw.key() not in everything
@@ -154,6 +157,7 @@ async def test_a_cache_hit_of_an_answer_that_echoed_the_key_holds_no_key(start_g
                 raw = await resp.read()
                 assert (resp.status, resp.headers["x-cache"]) == (200, expected)
                 headers = resp.headers
+            await gw.idle()  # the entry is written after the answer
     leading = b": a hit\n\n" if stream and not raw.startswith(b":") else b""  # what assert_no_key tells streams by
     documents = assert_no_key(simulator.api_key, headers, leading + raw)
     content = "".join(d["choices"][0]["message"]["content"] if "message" in d["choices"][0] else d["choices"][0]["delta"].get("content") or "" for d in documents if d.get("choices"))

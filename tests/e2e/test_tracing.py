@@ -93,6 +93,7 @@ async def test_each_request_is_one_server_span_with_genai_attributes_and_its_chi
     async with aiohttp.ClientSession() as http:
         status, headers, _ = await chat(http, gw.url, "r-json", body("a cat", temperature=0))
         assert status == 200 and headers["x-cache"] == "MISS"
+        await gw.idle()  # its entry is written after the answer
         assert (await chat(http, gw.url, "r-sse", body("a dog", stream=True)))[0] == 200
         status, headers, _ = await chat(http, gw.url, "r-hit", body("a cat", temperature=0))
         assert status == 200 and headers["x-cache"] == "HIT"
@@ -221,6 +222,7 @@ async def test_exemplars_link_the_duration_histogram_to_traces_in_openmetrics(re
     async with aiohttp.ClientSession() as http:
         status, headers, _ = await chat(http, gw.url, "r-ex", body("a cat"))
     assert status == 200
+    await gw.idle()  # observed after the answer
     metrics = gw.app[METRICS]
     exposition, content_type = metrics.exposition("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from tests.fixtures.processes import FROZEN_DAY, chat, config_for, ledger_day
+from tests.fixtures.processes import FROZEN_DAY, chat, config_for, idle, ledger_day
 
 
 @pytest.mark.parametrize("backend", ["redis_server", "redis_cluster"])
@@ -32,4 +32,5 @@ async def test_500_concurrent_over_3_processes_with_every_core_busy_admit_exactl
     assert Counter(a.status for a in answers) == {200: 100, 429: 400}
     assert {a.code for a in answers if a.status == 429} == {"rate_limit_exceeded"}
     assert (await simulator_process.stats())["calls"] == 100  # only the admitted reached upstream
+    await idle(gateways)
     assert (await ledger_day(redis.url, "burst", FROZEN_DAY))["requests"] == 100

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.fixtures.gateway import wait_for
-from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, ledger_day
+from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, idle, ledger_day
 
 
 async def _store_errors(http: aiohttp.ClientSession, gw) -> str:
@@ -33,6 +33,7 @@ async def test_memory_store_records_every_settle_of_2000_concurrent_requests(sim
                                      for i in range(2000)))
 
     assert Counter(a.status for a in answers) == {200: 2000}
+    await gw.idle()  # every settle follows its answer
     async with http.get(gw.url + "/v1/usage", headers=gw.headers("crowd")) as resp:
         usage = await resp.json()
     assert usage["day"]["requests"] == 2000
@@ -61,6 +62,7 @@ async def test_redis_stalled_under_load_makes_requests_wait_none_admitted_unchec
     assert Counter(a.status for a in answers) == {200: 100, 429: 50}
     assert {a.code for a in answers if a.status == 429} == {"rate_limit_exceeded"}
     assert (await simulator_process.stats())["calls"] == 100
+    await idle(gateways)
     assert (await ledger_day(fresh_redis_server.url, "burst", FROZEN_DAY))["requests"] == 100
     for gw in gateways:
         assert await _store_errors(http, gw) == ""

@@ -98,8 +98,11 @@ async def http():
 
 
 async def post(http, gw, payload: dict, **headers) -> tuple[int, bytes, dict]:
+    """One request, returned once the gateway is done with it (settled, cached, counted: all after the answer)."""
     async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers(**headers)) as resp:
-        return resp.status, await resp.read(), dict(resp.headers)
+        answer = resp.status, await resp.read(), dict(resp.headers)
+    await gw.idle()
+    return answer
 
 
 async def usage_today(http, gw) -> dict:

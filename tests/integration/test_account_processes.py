@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.limits.ledger import read_usage
 from gateway.store import connect
 from tests.e2e.test_limits import cost
-from tests.fixtures.processes import FROZEN_DAY, chat, config_for, ledger_day
+from tests.fixtures.processes import FROZEN_DAY, chat, config_for, idle, ledger_day
 
 TEAMS = ("north", "south")
 
@@ -60,6 +60,7 @@ async def test_two_teams_over_3_processes_admit_exactly_the_accounts_100(simulat
         "Rate limit reached for the account (shared by all teams): requests_per_minute (100).") for a in refused)
     assert (await simulator_process.stats())["calls"] == 100
     per_team = {t: sum(a.status == 200 for i, a in enumerate(answers) if TEAMS[i % 2] == t) for t in TEAMS}
+    await idle(gateways)
     ledgers = {t: (await ledger_day(shared_redis.url, t, FROZEN_DAY))["requests"] for t in TEAMS}
     assert ledgers == per_team and sum(per_team.values()) == 100
     assert (await account_day(shared_redis.url))["requests"] == 100
@@ -92,6 +93,7 @@ async def test_the_accounts_quota_is_overspent_by_at_most_one_request(simulator_
     else:
         pytest.fail("the account's quota never refused a whole wave")
 
+    await idle(gateways)
     day = await account_day(shared_redis.url)
     teams = [await ledger_day(shared_redis.url, t, FROZEN_DAY) for t in TEAMS]
     assert day["requests"] == len(used) == sum(t["requests"] for t in teams)

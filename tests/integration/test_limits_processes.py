@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 
 from tests.fixtures.gateway import stop_gateway, wait_for
-from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, ledger_day
+from tests.fixtures.processes import FROZEN_DAY, HANG_GUARD_S, Load, chat, config_for, idle, ledger_day
 
 # -- exactness under contention --------------------------------------------------------------------
 
@@ -41,6 +41,7 @@ async def test_500_concurrent_requests_over_3_processes_admit_exactly_100(
     assert {a.code for a in refused} == {"rate_limit_exceeded"}
     assert all(int(a.headers["retry-after-ms"]) > 0 and "retry-after" in a.headers for a in refused)
     assert (await simulator_process.stats())["calls"] == 100  # only the admitted reached upstream
+    await idle(gateways)
     assert (await ledger_day(shared_redis.url, "burst", FROZEN_DAY))["requests"] == 100
 
 
@@ -84,6 +85,7 @@ async def test_tokens_per_day_is_never_overspent_by_more_than_one_request(
     else:
         pytest.fail("the quota never refused a whole wave")
 
+    await idle(gateways)
     day = await ledger_day(shared_redis.url, "thrifty", FROZEN_DAY)
     spent = day["tokens"]["prompt"] + day["tokens"]["completion"]
     assert spent == sum(used) and day["requests"] == len(used)

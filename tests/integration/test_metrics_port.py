@@ -52,6 +52,7 @@ async def test_metrics_are_served_only_on_the_metrics_port(simulator, gateway_pr
         async with http.get(gw.url + "/metrics") as resp:  # the API port: as any unknown path
             assert resp.status == 404
             assert orjson.loads(await resp.read())["error"]["type"]
+        await gw.idle()  # the chat is counted after its answer
         assert await requests_total(http, metrics_url) == 1  # the chat; scrapes are not counted
         assert await requests_total(http, metrics_url) == 1
         for path in ("/v1/models", "/healthz"):  # the metrics port serves the metrics alone
@@ -85,6 +86,7 @@ async def test_two_workers_both_serve_the_metrics_port_and_it_sums_them(
             return False
 
         await wait_for(both_served, timeout_s=60)
+        await gw.idle()  # the last chat is counted after its answer
         for _ in range(6):  # fresh connections: the kernel hands them to either worker
             assert await requests_total(http, metrics_url) == sent
         async with http.get(gw.url + "/metrics", headers={"Connection": "close"}) as resp:

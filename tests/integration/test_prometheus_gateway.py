@@ -49,6 +49,7 @@ async def test_prometheus_reads_the_gateways_numbers_and_every_panel_and_rule_ev
         async with http.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers(team)) as resp:
             raw = await resp.read()
             assert resp.status == 200, raw[:300]
+        await gw.idle()  # cached and counted after the answer: the next request hits
         if charged:
             expected[team] += image_tokens(raw, bool(body.get("stream")))
 

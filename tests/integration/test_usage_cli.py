@@ -85,7 +85,8 @@ async def traffic(start_gateway, redis_server):
             async with http.post(gw.url + "/v1/chat/completions", json=payload, headers=gw.headers(team)) as resp:
                 answer = await resp.json()
                 assert resp.status == 200, answer
-                return answer["usage"], resp.headers.get("x-cache", "")
+            await gw.idle()  # settled and cached after the answer: the next request and the report see it
+            return answer["usage"], resp.headers.get("x-cache", "")
 
         plain = {"model": MODEL, "messages": [{"role": "user", "content": "a red kite over hills"}]}
         edit = {"model": MODEL, "messages": [{"role": "user", "content": [

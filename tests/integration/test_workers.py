@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.e2e.test_metrics import parse, samples, tokens
-from tests.fixtures.gateway import gateway_config, team_key, wait_for
+from tests.fixtures.gateway import RunningGateway, gateway_config, team_key, wait_for
 from tests.fixtures.prometheus import require_binary
 
 MODEL = "google/gemini-3-pro-image-preview"
@@ -68,8 +68,8 @@ def served_by(metrics_dir: Path, pid: int) -> float:
 class Client:
     """Requests and scrapes on a fresh connection each, so the kernel picks a worker each time."""
 
-    def __init__(self, url: str, http: aiohttp.ClientSession):
-        self.url, self.http = url, http
+    def __init__(self, gw: RunningGateway, http: aiohttp.ClientSession):
+        self.gw, self.url, self.http = gw, gw.url, http
         self.sent = 0
         self.tokens: Counter = Counter()  # (team, type) -> tokens the responses reported
 
@@ -79,6 +79,7 @@ class Client:
         async with self.http.post(self.url + "/v1/chat/completions", json=body, headers=headers) as resp:
             raw = await resp.read()
             assert resp.status == 200, raw[:300]
+        await self.gw.idle()  # counted after the answer: a scrape from here on sees it
         self.sent += 1
         for kind, n in tokens(orjson.loads(raw)["usage"]).items():
             self.tokens[(team, kind)] += n
@@ -128,7 +129,7 @@ async def test_two_workers_sum_their_counters_and_a_restart_never_goes_backwards
     workers = await wait_for(lambda: two_workers(supervisor), timeout_s=30)
 
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
+        client = Client(gw, http)
         # Both workers take traffic: keep going until each has counted some.
         await wait_for(lambda: client.chat_until(lambda: all(served_by(metrics_dir, pid) for pid in workers)), 60)
         assert sum(served_by(metrics_dir, pid) for pid in workers) == client.sent
