@@ -102,6 +102,15 @@ class StalledStore:
     async def done_result(self):
         return await self._late
 
+    async def give_up_on(self, admitting) -> None:
+        """Run ``admitting`` (an admit call) until its script is held, then cancel it: a caller
+        that gave up while its admission was in flight."""
+        caller = asyncio.create_task(admitting)
+        await self.held.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
 
 class LossyStore:
     """Runs the first settle, then raises as if its answer had been lost on the way back."""
@@ -409,12 +418,8 @@ class TestBehaviour:
         t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
         stalled = StalledStore(store)
         lim = Limiter(stalled, CONFIG, clock=Clock())
-        caller = asyncio.create_task(lim.admit(t, request()))
-        await stalled.held.wait()
-        caller.cancel()
+        await stalled.give_up_on(lim.admit(t, request()))
         stalled.go.set()  # the script runs, nobody reads its answer
-        with pytest.raises(asyncio.CancelledError):
-            await caller
         await stalled.done.wait()
         await lim.leases.repay()
         assert lim.leases.owed == 0
@@ -424,11 +429,7 @@ class TestBehaviour:
         t = team(Limits(tokens_per_minute=10_000, max_concurrent=1), Quota(tokens_per_day=10**6, usd_per_month=5))
         stalled = StalledStore(store)
         lim = Limiter(stalled, CONFIG, clock=Clock())
-        caller = asyncio.create_task(lim.admit(t, request()))
-        await stalled.held.wait()
-        caller.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await caller
+        await stalled.give_up_on(lim.admit(t, request()))
         await lim.leases.repay()  # the release reaches the store first
         stalled.go.set()
         assert int((await stalled.done_result())[0]) == 0  # the late admit found the tombstone
