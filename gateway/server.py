@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from functools import partial
 
@@ -31,7 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Config
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout, error_response
-from gateway.http.record import RequestRecord
+from gateway.http.record import RequestRecord, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class GatewayProtocol(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # as aiohttp: the answer has begun, the connection is broken
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
-        request_id, kind = uuid.uuid4().hex, type(exc).__name__ if exc else "-"
+        request_id, kind = new_request_id(), type(exc).__name__ if exc else "-"
         if status < 500:
             log.info("refused a malformed HTTP request with %s (%s), request %s", status, kind, request_id)
             err: GatewayError = InvalidRequest(

@@ -7,7 +7,7 @@ Token types follow the provider: ``image``, ``reasoning`` and ``audio`` are part
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from gateway.config import Prices
 
@@ -44,30 +44,24 @@ class Usage:
     @classmethod
     def from_provider(
         cls,
-        usage: Mapping[str, Any] | None,
+        usage: dict[str, Any] | None,
         *,
         prices: Prices,
         images_in: int = 0,
         images_out: int = 0,
         estimate: "Usage | None" = None,
     ) -> "Usage":
-        """Read the provider's ``usage`` object; fall back to ``estimate`` when it is absent."""
-        if not isinstance(usage, Mapping):
+        """Read the provider's ``usage`` object (parsed JSON); fall back to ``estimate`` when it is absent."""
+        if not isinstance(usage, dict):
             base = estimate or cls()
             return replace(base, images_in=images_in, images_out=images_out, estimated=True).priced(prices)
-        details = usage.get("completion_tokens_details") or {}
-        if not isinstance(details, Mapping):
+        details = usage.get("completion_tokens_details")
+        if not isinstance(details, dict):
             details = {}
-        u = cls(
-            prompt=_int(usage.get("prompt_tokens")),
-            completion=_int(usage.get("completion_tokens")),
-            image=_int(details.get("image_tokens")),
-            reasoning=_int(details.get("reasoning_tokens")),
-            audio=_int(details.get("audio_tokens")),
-            images_in=images_in,
-            images_out=images_out,
-        )
-        return u.priced(prices)
+        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        image = _int(details.get("image_tokens"))
+        return cls(prompt, completion, image, _int(details.get("reasoning_tokens")), _int(details.get("audio_tokens")),
+                   images_in, images_out, cost_usd(prompt, completion, image, prices))
 
 
 MAX_TOKENS = 10**9  # more than any one request uses; keeps the ledger's sums exact integers
@@ -75,8 +69,9 @@ MAX_TOKENS = 10**9  # more than any one request uses; keeps the ledger's sums ex
 
 def _int(value: Any) -> int:
     """A count the provider reported: a positive integer, at most MAX_TOKENS; else 0."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-    return min(value, MAX_TOKENS) if ok else 0
+    if type(value) is not int or value <= 0:  # bool is an int subclass: not a count
+        return 0
+    return value if value <= MAX_TOKENS else MAX_TOKENS
 
 
 PROMPT_CHARS_PER_TOKEN = 4
@@ -85,13 +80,13 @@ IMAGE_TOKENS = {"4K": 2000}  # per output image; 1K and 2K cost 1120
 DEFAULT_IMAGE_TOKENS = 1120
 
 
-def expected_image_tokens(body: Mapping[str, Any]) -> int:
+def expected_image_tokens(body: dict[str, Any]) -> int:
     """Image tokens of the one image a request will likely get back (0 for text-only answers)."""
     modalities = body.get("modalities")
     if isinstance(modalities, list) and "image" not in modalities:
         return 0
     config = body.get("image_config")
-    size = config.get("image_size") if isinstance(config, Mapping) else None
+    size = config.get("image_size") if isinstance(config, dict) else None
     return IMAGE_TOKENS.get(size, DEFAULT_IMAGE_TOKENS) if isinstance(size, str) else DEFAULT_IMAGE_TOKENS
 
 

@@ -343,19 +343,18 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
         mime = ctype.split(";", 1)[0].strip().lower()
         if mime not in JSON_TYPES and not mime.endswith("+json"):
             raise UnsupportedMediaType(f"The body must be JSON (Content-Type: application/json), not {mime or 'empty'}.")
-    too_large = RequestTooLarge.over(limit)
     length = request.content_length
     if length is not None and length > limit:
-        raise too_large
+        raise RequestTooLarge.over(limit)
     content = request.content
     first = await content.readany()
     if len(first) > limit:
-        raise too_large
+        raise RequestTooLarge.over(limit)
     if content.at_eof():  # the whole body came in one piece (a small one does): no copy
         return first
     body = bytearray(first)
     while chunk := await content.readany():
         body += chunk
         if len(body) > limit:
-            raise too_large
+            raise RequestTooLarge.over(limit)
     return body

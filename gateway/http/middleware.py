@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -24,7 +23,7 @@ from gateway.errors import (
     ShuttingDown,
     error_response,
 )
-from gateway.http.record import Phase, RequestRecord
+from gateway.http.record import Phase, RequestRecord, new_request_id
 from gateway.http.state import METRICS, RECORD, RUNTIME, SNAPSHOT
 from gateway.observability.accesslog import current_request, write_access_log
 
@@ -45,7 +44,7 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     request[SNAPSHOT] = request.app[RUNTIME].snapshot
     incoming = request.headers.get("X-Request-ID", "")
     request[RECORD] = rec = RequestRecord(
-        request_id=incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex,
+        request_id=incoming if REQUEST_ID_RE.match(incoming) else new_request_id(),
         method=request.method,
         path=request.path,
     )

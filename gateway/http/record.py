@@ -6,6 +6,7 @@ response is done. Nothing here may hold a key, a prompt or base64.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
     from gateway.observability.tracing import RequestTrace
 
 _NO_SPAN = nullcontext()
+
+
+def new_request_id() -> str:
+    """32 random hex digits, as uuid4().hex spells them, without building a UUID per request."""
+    return os.urandom(16).hex()
 
 
 class Phase(enum.IntEnum):

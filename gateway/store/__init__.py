@@ -107,6 +107,15 @@ def script(name: str) -> tuple[str, str]:
     return source, hashlib.sha1(source.encode()).hexdigest()
 
 
+class _Expired(Exception):
+    """A pipelined caller's deadline passed before its batch answered."""
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 class _Failed(Exception):
     """An attempt that failed, before it becomes each caller's StoreError (counted once per caller)."""
 
@@ -252,12 +261,16 @@ class RedisStore:
                 self._failed(name, refusal, down=True)
             deadline = self._deadline(timeout_s)
             future = self._batcher.submit(name, ("EVALSHA", sha, len(keys), *keys, *args), source, deadline)
-            try:  # giving up cancels this caller's future only: the batch goes on for the others
-                async with asyncio.timeout_at(deadline):
-                    return await future
-            except TimeoutError:
+            # Giving up fails this caller's future only: the batch goes on for the others. A timer
+            # on the future, not an asyncio.timeout (a context and a task cancellation per call).
+            expiry = asyncio.get_running_loop().call_at(deadline, _expire, future)
+            try:
+                return await future
+            except _Expired:
                 f = self._gave_up()
                 self._failed(name, f.reason, down=f.down)
+            finally:
+                expiry.cancel()
 
         async def run() -> Any:
             try:

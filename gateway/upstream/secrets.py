@@ -197,8 +197,10 @@ class KeyGuard:
 
     def _hold_from(self, buf: bytes, after: int) -> int:
         """Where the tail that could still begin the key starts (``len(buf)`` if none)."""
-        for q in range(max(after, len(buf) - self._longest + 1), len(buf)):
-            if buf[q : q + 1] in self._starts and self._is_prefix(buf, q):
+        lo = max(after, len(buf) - self._longest + 1)
+        # only where a spelling can begin (two bytes.find scans), not byte by byte
+        for q in sorted(q for start in self._starts for q in _find_all(buf, start, lo)):
+            if self._is_prefix(buf, q):
                 return q
         return len(buf)
 
@@ -263,8 +265,8 @@ def _hex_class(digit: int) -> bytes:
     return b"[" + char.lower() + char.upper() + b"]" if char.isalpha() else char
 
 
-def _find_all(buf: bytes, needle: bytes):
-    i = buf.find(needle)
+def _find_all(buf: bytes, needle: bytes, start: int = 0):
+    i = buf.find(needle, start)
     while i >= 0:
         yield i
         i = buf.find(needle, i + 1)
