@@ -336,7 +336,7 @@ def _final_usage(chat: ChatRequest, served: Served) -> Usage:
     return _usage(chat, scanner.usage if scanner else None, scanner.images_out if scanner else 0)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
+async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to be over ``limit``."""
     ctype = request.headers.get("Content-Type")
     if ctype is not None:
@@ -352,9 +352,10 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
         raise RequestTooLarge.over(limit)
     if content.at_eof():  # the whole body came in one piece (a small one does): no copy
         return first
-    body = bytearray(first)
+    pieces, size = [first], len(first)
     while chunk := await content.readany():
-        body += chunk
-        if len(body) > limit:
+        pieces.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise RequestTooLarge.over(limit)
-    return body
+    return await offload.join(pieces, size)  # one copy, off the loop when big

@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,6 +31,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import offload
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.secrets import KeyGuard
@@ -78,8 +80,19 @@ class UpstreamResponse:
         self._span = span
 
     async def read(self) -> bytes:
-        """The whole body."""
-        return await self._wait(self._resp.read())
+        """The whole body, each byte copied once: the pieces as the parser delivered them, joined
+        off the loop when big (``offload.join``). aiohttp's ``read`` also joins the pieces buffered
+        at each wake-up, on the loop: a second copy. The socket is read without pausing, as
+        aiohttp's ``read`` does: the body is kept whole anyway."""
+        content, pieces, size = self._resp.content, [], 0
+        content.set_read_chunk_size(sys.maxsize)
+        while True:
+            piece, chunk_end = await self._wait(content.readchunk())
+            if piece:
+                pieces.append(piece)
+                size += len(piece)
+            elif not chunk_end:  # (b"", True) only marks the end of an HTTP chunk
+                return await offload.join(pieces, size)
 
     async def read_bounded(self, limit: int) -> bytes:
         """The whole body, however many pieces it comes in; UpstreamBadResponse past ``limit``."""
@@ -146,10 +159,11 @@ class Upstream:
 
     async def start(self) -> None:
         connector = _Connector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        # Our User-Agent is in every request's headers: no skip_auto_headers, which aiohttp turns
+        # into new header sets on every request.
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # we ask for identity; bytes are relayed as they come
-            skip_auto_headers=("User-Agent",),
         )
 
     async def close(self) -> None:
@@ -220,10 +234,12 @@ class Upstream:
             counted = resp.status == 429 or resp.status >= 500
             if counted:
                 self._error("status_429" if resp.status == 429 else "status_5xx", model, None)
+            if last or resp.status not in (429, 503):  # the answer, as nearly every one is
+                return UpstreamResponse(resp, waited, counted, span)
             delay = _retry_after(resp.headers)
-            retryable = resp.status == 429 or (resp.status == 503 and delay is not None)
+            retryable = resp.status == 429 or delay is not None  # a 503 is retried only when it says when
             delay = self._backoff(attempt) if delay is None else delay
-            if last or not retryable or loop.time() + delay >= deadline:
+            if not retryable or loop.time() + delay >= deadline:
                 return UpstreamResponse(resp, waited, counted, span)
             resp.release()
             if span is not None:

@@ -62,20 +62,17 @@ async def error_passthrough(resp: UpstreamResponse, guard: KeyGuard, rec: Reques
 async def read_json(resp: UpstreamResponse, guard: KeyGuard, *, image_data: bool = True) -> tuple[bytes, answer.Answer]:
     """A 200 JSON answer, read whole (the client needs all of it anyway), checked, key-free: the
     Answer (what the cache and the Images API keep) is parsed from the cleaned bytes, never the raw.
-    ``image_data``: see ``answer.loads`` (False when only the bytes are relayed)."""
+    ``image_data``: see ``answer.loads`` (False when only the bytes are relayed).
+
+    Both run on the loop, not through ``offload``: the scan and the parse of a big answer are C
+    calls that hold the GIL (memchr scans, 1 MB base64 slices), so a thread would stall the loop
+    as long, plus the wait for the GIL to come back."""
     body = await resp.read()
-    return await offload.run(_clean_and_parse, guard.stream(), body, image_data, size=len(body))
-
-
-def _clean_and_parse(checker: StreamGuard, body: bytes, image_data: bool) -> tuple[bytes, answer.Answer]:
-    body = clean_whole(checker, body)
-    return body, answer.loads(body, image_data=image_data)
-
-
-def clean_whole(checker: StreamGuard, body: bytes) -> bytes:
-    """A whole body through a stream checker, with no second copy when it holds no key."""
+    checker = guard.stream()
     body, held = checker.clean(body), checker.flush()
-    return body + held if held else body
+    if held:
+        body += held
+    return body, answer.loads(body, image_data=image_data)
 
 
 async def first_chunk(resp: UpstreamResponse) -> bytes:

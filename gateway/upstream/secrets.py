@@ -47,6 +47,8 @@ ALLOWED_RESPONSE_HEADERS = frozenset(
 
 _SHORT_ESCAPES = {'"': b'\\"', "\\": b"\\\\", "/": b"\\/", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n", "\r": b"\\r", "\t": b"\\t"}
 _BACKSLASH = 0x5C
+_BASE64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+ANCHOR_DENSITY = 1024  # an anchor byte more often than once in this many bytes: search for the whole key
 
 
 def allowed_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]], key: str = "") -> dict[str, str]:
@@ -100,6 +102,11 @@ class KeyGuard:
         self._longest = sum(max(len(p or b""), len(s or b""), len(u)) for p, s, u in zip(self._plain, self._short, self._uesc))
         first = self._plain[0][:1] if key and self._plain[0] else b"\\"
         self._starts = {first, b"\\"}  # the bytes a spelling of the key can begin with
+        # The key's first byte that base64 never holds ("-", "_", ...), and where: answers are
+        # mostly base64, so memchr finds its few occurrences at memory speed, where a search for
+        # the whole key (two-way) runs ~10 times slower over a 10 MB image.
+        at = next((i for i, byte in enumerate(self._raw) if byte not in _BASE64), None)
+        self._anchor = None if at is None else (self._raw[at : at + 1], at)
 
     def found_in(self, text: str) -> bool:
         """Whether ``text`` holds the key, raw or JSON-escaped, or an 8+ character piece of it."""
@@ -167,7 +174,7 @@ class KeyGuard:
 
     def _matches(self, buf: bytes, odd_before: bool) -> list[tuple[int, int]]:
         """Non-overlapping spans of ``buf`` that spell the key, in order."""
-        found = {_unescaped_span(buf, i, i + len(self._raw), odd_before) for i in _find_all(buf, self._raw)}
+        found = {_unescaped_span(buf, i, i + len(self._raw), odd_before) for i in self._find_raw(buf)}
         for lo, hi in self._windows(buf):
             match = self._pattern.search(buf, lo, hi)
             while match:
@@ -179,6 +186,20 @@ class KeyGuard:
                 spans.append(span)
                 end = span[1]
         return spans
+
+    def _find_raw(self, buf: bytes):
+        """Where the key is written raw in ``buf`` (overlaps included)."""
+        if self._anchor is None:
+            yield from _find_all(buf, self._raw)
+            return
+        byte, at = self._anchor
+        budget = len(buf) // ANCHOR_DENSITY + 16
+        for n, i in enumerate(_find_all(buf, byte)):
+            if n > budget:  # not rare in this body after all: the whole key's search is the faster
+                yield from _find_all(buf, self._raw, max(0, i - at))
+                return
+            if i >= at and buf.startswith(self._raw, i - at):
+                yield i - at
 
     def _windows(self, buf: bytes) -> list[tuple[int, int]]:
         """Merged ranges around each escape introducer: the only places an escaped key can be."""

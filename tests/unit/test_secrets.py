@@ -152,3 +152,17 @@ def test_several_keys_in_one_sse_stream_are_all_replaced():
     )
     out = cleaned([events[i : i + 7] for i in range(0, len(events), 7)])
     assert out.count(b"[redacted]") == len(SPELLINGS) and KEY[:8].encode() not in out
+
+
+@pytest.mark.parametrize("anchors", [0, 10, 5000], ids=["sparse", "a few", "dense"])
+def test_the_raw_key_is_found_however_often_its_rare_byte_appears(anchors):
+    # The raw key is searched by its first byte that base64 never holds ('-' here): a body full
+    # of that byte falls back to searching for the whole key, and finds every copy all the same.
+    rng = random.Random(anchors)
+    filler = bytearray(base64.b64encode(rng.randbytes(30_000)))
+    for i in rng.sample(range(len(filler)), anchors):
+        filler[i] = ord("-")
+    body = bytes(filler[:10_000]) + KEY.encode() + bytes(filler[10_000:20_000]) + KEY.encode() + b"sk-" + bytes(filler[20_000:])
+    out = cleaned([body])
+    assert out.count(b"[redacted]") == 2 and KEY.encode() not in out
+    assert out.replace(b"[redacted]", b"") == body.replace(KEY.encode(), b"")
