@@ -28,7 +28,7 @@ from gateway.answer import Answer
 from gateway.config import CacheConfig, Team
 from gateway.errors import GatewayError, RequestTooLarge, UnsupportedMediaType, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import UpstreamResponse
-from gateway.upstream.body import SlicedBody
+from gateway.upstream.body import sliced
 from gateway.upstream.relay import (error_passthrough, first_chunk, provider_code, read_json,
                                     relay_sse, write_counted)
 from gateway.upstream.secrets import allowed_headers
@@ -173,7 +173,7 @@ async def _forward(request, chat: ChatRequest, decision, headers: dict, served: 
     """Call the upstream and relay its answer; return (response, cache entry or None)."""
     app, rec = request.app, request[RECORD]
     headers = {**headers, "x-cache": decision.label.upper()}
-    resp = await app[UPSTREAM].open(SlicedBody(chat.raw), request_id=rec.request_id, model=chat.model.id,
+    resp = await app[UPSTREAM].open(sliced(chat.raw), request_id=rec.request_id, model=chat.model.id,
                                     deadline=served.deadline, on_sent=lambda: served.mark_sent(rec),
                                     trace=rec.trace)
     rec.response_model = chat.model.upstream_id  # unless the answer names another (JSON: read below)
@@ -230,7 +230,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         rec.first_byte()
         # Written here, whole, before the cache entry, the settle and the cache put: a slow store
         # delays no answer, and a shutdown cut-off never turns a paid answer into a 503.
-        response = web.Response(body=SlicedBody(body), content_type="application/json",
+        response = web.Response(body=sliced(body), content_type="application/json",
                                 headers={**upstream_headers, **headers})
         await _start(request, response, served)
         await _finish(response, rec)

@@ -4,7 +4,8 @@ Given bytes, aiohttp writes the whole body with one ``write()`` call on the sock
 the kernel keeps copying for as long as the peer reads, so a 60 MB body held the event loop for
 over 100 ms (aiohttp warns of this for bodies over 1 MB). ``SlicedBody`` writes ``SLICE`` bytes
 at a time and waits for the socket to drain between slices, with the same Content-Length and
-bytes, and can be sent again (the upstream's retries).
+bytes, and can be sent again (the upstream's retries). ``sliced`` leaves a body of one slice or
+less as it is: aiohttp writes it in one call anyway, without a payload object's cost.
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 SLICE = 1 << 20  # bytes per write: ~1 ms of copying
+
+
+def sliced(value: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview | SlicedBody:
+    """``value`` to hand aiohttp as a body: itself when small, else a ``SlicedBody``."""
+    return value if len(value) <= SLICE else SlicedBody(value)
 
 
 class SlicedBody(Payload):

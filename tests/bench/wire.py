@@ -26,12 +26,17 @@ def _full_config(b: Bench) -> dict:
                           logging={"level": "info", "access_log": True})
 
 
-def _start(b: Bench, name: str, workers: int = 1) -> Contestant:
-    tag = b._name("full")
+def _start(b: Bench, name: str, workers: int = 1, *, floor: bool = False) -> Contestant:
+    """The gateway with every feature on; ``floor``: the floor proxy (floor_proxy.py) on the same
+    config, the gateway's per-request work without its request path."""
+    tag = b._name("floor" if floor else "full")
     path = b.workdir / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(_full_config(b), sort_keys=False))
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
-    cmd += ["--port", str(free_port()), "--workers", str(workers)] if workers > 1 else ["--port", "0"]
+    if floor:
+        cmd = [sys.executable, "-m", "tests.bench.floor_proxy", "--config", str(path)]
+    else:
+        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+        cmd += ["--port", str(free_port()), "--workers", str(workers)] if workers > 1 else ["--port", "0"]
     return Contestant(name, b.procs.start(tag, cmd))
 
 
@@ -57,7 +62,10 @@ class TreeCPU:
         return total
 
 
-def _throughput(b: Bench, sc: str, cs: list[Contestant], body: str, refs: dict, targets: dict) -> list[Row]:
+def _throughput(b: Bench, sc: str, cs: list[Contestant], body: str, refs: dict, targets: dict,
+                refs_of: dict | None = None) -> list[Row]:
+    """req/s and CPU per request of each of ``cs`` (alternated); every one but the first is
+    compared with ``refs`` (column -> contestant name), or with ``refs_of[its name]``."""
     from .scenarios import alternate, expect_ok, warm, wrk_notes  # scenarios.py imports this module
 
     s = b.settings
@@ -72,7 +80,7 @@ def _throughput(b: Bench, sc: str, cs: list[Contestant], body: str, refs: dict, 
     res = alternate(b, sc, cs, measure, lambda w: f"{w.rps:,.0f} req/s, {w.cpu_us:,.0f} us/req")
     n, rows = s.connections, []
     for c in cs:
-        runs, own = res[c.name], refs if c is not cs[0] else {}
+        runs, own = res[c.name], (refs_of or {}).get(c.name, refs) if c is not cs[0] else {}
         rps_t, cpu_t = targets.get(c.name, (None, None))
         rows += [
             Row(sc, c.name, f"req/s @c{n}", [w.rps for w in runs], own, target=rps_t, notes=wrk_notes(runs)),
@@ -83,15 +91,19 @@ def _throughput(b: Bench, sc: str, cs: list[Contestant], body: str, refs: dict, 
 
 def full_features(b: Bench) -> list[Row]:
     """Small JSON and small SSE through the gateway with every feature on (Redis) vs the minimal
-    proxy. Targets: >= 0.8x its req/s, <= 1.25x its CPU per request."""
-    cs = [b.minimal(), _start(b, "gateway (all on, Redis)")]
+    proxy. Targets: >= 0.8x its req/s, <= 1.25x its CPU per request. For JSON the floor proxy
+    runs too (the same features' work, no request path): ``vs paired`` of the gateway is its
+    cost over the floor, the floor's ``vs minimal`` the least any gateway on this stack pays."""
+    minimal, floor, gateway = b.minimal(), _start(b, "floor proxy", floor=True), _start(b, "gateway (all on, Redis)")
     refs = {"vs minimal": "minimal proxy"}
-    targets = {cs[1].name: (("vs minimal", ">=", 0.8), ("vs minimal", "<=", 1.25))}
+    targets = {gateway.name: (("vs minimal", ">=", 0.8), ("vs minimal", "<=", 1.25))}
+    against_floor = {gateway.name: {**refs, "vs paired": floor.name}}
     try:
-        return (_throughput(b, "small JSON, every feature on", cs, "small", refs, targets)
-                + _throughput(b, "small SSE, every feature on", cs, "small_sse", refs, targets))
+        return (_throughput(b, "small JSON, every feature on", [minimal, floor, gateway], "small", refs, targets,
+                            against_floor)
+                + _throughput(b, "small SSE, every feature on", [minimal, gateway], "small_sse", refs, targets))
     finally:
-        b.stop(*cs)
+        b.stop(minimal, floor, gateway)
 
 
 def workers(b: Bench) -> list[Row]:
