@@ -84,7 +84,10 @@ def _cacheable(mode: str, body: dict[str, Any]) -> bool:
 
 def decide(team: Team, request: ChatRequest, cache_control: str | None) -> CacheDecision:
     """Whether this request looks up and/or stores, under which key; never raises."""
-    names = directives(cache_control)
+    return _decide(team, request, directives(cache_control))
+
+
+def _decide(team: Team, request: ChatRequest, names: set[str]) -> CacheDecision:
     if "no-store" in names or not _cacheable(team.cache.mode, request.body):
         return BYPASS
     try:
@@ -99,11 +102,12 @@ def decide(team: Team, request: ChatRequest, cache_control: str | None) -> Cache
 async def decide_async(team: Team, request: ChatRequest, cache_control: str | None) -> CacheDecision:
     """``decide``, with a cacheable request's images hashed first, off the event loop when big
     (SHA-256 of 45 MB of images is ~40 ms of CPU; hashlib hands the GIL back while it works)."""
-    if "no-store" not in directives(cache_control) and _cacheable(team.cache.mode, request.body):
+    names = directives(cache_control)
+    if "no-store" not in names and _cacheable(team.cache.mode, request.body):
         unhashed = [fact for fact in request.images if not fact.digest]
         await offload.run(lambda: [fact.sha256 for fact in unhashed], size=sum(fact.size for fact in unhashed),
                           threshold=INLINE_HASH_BYTES)
-    return decide(team, request, cache_control)
+    return _decide(team, request, names)
 
 
 def nth(decision: CacheDecision, i: int) -> CacheDecision:
