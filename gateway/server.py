@@ -65,7 +65,8 @@ def run_worker(config: Config, host: str, port: int, *, reuse_port: bool = False
 async def _serve_forever(app: web.Application, host: str, port: int, reuse_port: bool) -> int:
     from gateway.lifecycle import FINAL_S, Lifecycle
 
-    # handler_cancellation: a client that goes away cancels its handler, and so its upstream call.
+    # handler_cancellation: a client that goes away before its answer ends cancels its handler, and
+    # so its upstream call.
     # By the time aiohttp's own shutdown runs, the drain has ended every request.
     runner = GatewayRunner(app, shutdown_timeout=FINAL_S)
     await runner.setup()
@@ -106,17 +107,17 @@ async def _start_metrics_site(app: web.Application, host: str, reuse_port: bool)
 
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` serving each connection with ``GatewayProtocol``; a client that goes away
-    cancels its handler (and so its upstream call); aiohttp's access log is off (the gateway
-    writes its own, for the requests the protocol refuses too)."""
+    before the last byte of its answer cancels its handler (and so its upstream call); aiohttp's
+    access log is off (the gateway writes its own, for the requests the protocol refuses too)."""
 
     def __init__(self, app: web.Application, **kwargs) -> None:
         # not at import: run_worker sets up metrics first
-        from gateway.http.middleware import observe
+        from gateway.http.middleware import answered, observe
         from gateway.http.state import RUNTIME
 
         kwargs = {"handler_cancellation": True, "access_log": None, **kwargs}
         read_timeout_s = app[RUNTIME].snapshot.config.server.read_timeout_s  # restart-only
-        super().__init__(app, read_timeout_s=read_timeout_s, observe=partial(observe, app),
+        super().__init__(app, read_timeout_s=read_timeout_s, observe=partial(observe, app), answered=answered,
                          **kwargs)
 
     async def _make_server(self) -> web.Server:
@@ -159,13 +160,14 @@ class GatewayProtocol(RequestHandler):
     tests/faults/test_malformed_http.py and tests/e2e/test_http.py hold the behaviour.
     """
 
-    __slots__ = ("_read_timeout_s", "_read_by", "_read_timer", "_partial_head", "_observe")
+    __slots__ = ("_read_timeout_s", "_read_by", "_read_timer", "_partial_head", "_observe", "_answered")
 
-    def __init__(self, manager: web.Server, *, read_timeout_s: float,
-                 observe: Callable[[RequestRecord], None], **kwargs) -> None:
+    def __init__(self, manager: web.Server, *, read_timeout_s: float, observe: Callable[[RequestRecord], None],
+                 answered: Callable[[web.BaseRequest], bool], **kwargs) -> None:
         super().__init__(manager, **kwargs)
         self._read_timeout_s = read_timeout_s
         self._observe = observe  # the app's metrics and access log, for what no handler saw
+        self._answered = answered  # whether a request's client has its whole answer
         self._read_by = 0.0  # loop time the next byte is due by, when one is awaited
         self._read_timer: asyncio.TimerHandle | None = None
         self._partial_head = False  # bytes of a request's head came, the head is not complete
@@ -207,6 +209,11 @@ class GatewayProtocol(RequestHandler):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+        if self._current_request is not None and self._answered(self._current_request):
+            # Its client has every byte (curl and one-shot clients close at once): the handler's
+            # bookkeeping (the settle, the cache write, the metrics and the access line) is not
+            # the client's to cancel. Only a handler still answering is cancelled.
+            self._task_handler = None
         super().connection_lost(exc)
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,

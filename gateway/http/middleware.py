@@ -107,6 +107,13 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
     return response
 
 
+def answered(request: web.BaseRequest) -> bool:
+    """Whether the request's client has every byte of its answer (its handler may still be
+    settling, caching, logging)."""
+    rec = request.get(RECORD)
+    return rec is not None and rec.phase >= Phase.ANSWER_FINISHED
+
+
 def _client_gone(rec: RequestRecord) -> None:
     """A client that leaves before the last byte is a 499; one that leaves after it (curl closes
     at once) got its answer, and the status it was sent stays (noted when the answer started)."""

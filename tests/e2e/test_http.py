@@ -412,7 +412,8 @@ async def gated(start_gateway):
     await store.close()
 
 
-@pytest.mark.parametrize("stream, hit", [(True, False), (False, True), (True, True)], ids=["stream", "hit", "hit-stream"])
+@pytest.mark.parametrize("stream, hit", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["json", "stream", "hit", "hit-stream"])
 async def test_a_response_read_whole_then_closed_at_once_keeps_its_status(gated, caplog, monkeypatch, stream, hit):
     from gateway.observability.accesslog import ACCESS_LOGGER
 
@@ -437,6 +438,10 @@ async def test_a_response_read_whole_then_closed_at_once_keeps_its_status(gated,
                                    if r.name == ACCESS_LOGGER and r.access["request_id"] == "whole-then-gone"])
     assert line[0]["status"] == 200
     assert line[0]["bytes_out"] == len(data)
+    # and what the answer left to do after its last byte was done: its entry is in the cache
+    status, headers, _ = await raw_exchange(gw.url, raw_request("POST", "/v1/chat/completions", b"Bearer key-alpha",
+                                                                payload, Connection="close"))
+    assert status == 200 and headers["x-cache"] == "HIT"
 
 
 async def test_an_answer_ended_after_its_status_line_is_cut_never_given_a_second_one(start_gateway):
