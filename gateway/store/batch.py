@@ -1,25 +1,22 @@
 """Auto-pipelining of Lua scripts on one Redis node, for RedisStore.
 
 Every script submitted in one event-loop tick is queued and sent on the next tick as ONE
-non-transactional pipeline: one write, one pooled connection. The scripts stay
+non-transactional pipeline: one write on the store's own connection (pipe.py). The scripts stay
 separate atomic units; only their round trips are shared, which is what keeps admission and
 settlement cheap on the hot path. Each caller still gets its own answer or its own error: a
 script error, a NOSCRIPT (reloaded per script) or an argument that cannot be encoded is that
 call's alone. The store keeps the boundary: it guards each batch (probe, connection slot,
-deadline) and turns every failure into the caller's StoreError; this module only queues, talks
-RESP and settles futures.
+deadline) and turns every failure into the caller's StoreError; this module only queues, packs
+the commands and settles futures.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Awaitable, Callable, NamedTuple
 
-from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError
 
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # redis-py's own packer does the same, slower
-    _hiredis_pack = None
+from gateway.store.pipe import Pipe, pack
 
 # guard(op, send, deadline) runs send() under the store's probe/slot rules until deadline (loop
 # time) and raises only its failure
@@ -39,8 +36,8 @@ class Call(NamedTuple):
 class Batcher:
     """The same-tick queue of one store and the pipelines it has in flight."""
 
-    def __init__(self, client: Any, *, guard: Guard, error: ToError) -> None:
-        self.client = client
+    def __init__(self, pipe: Pipe, *, guard: Guard, error: ToError) -> None:
+        self.pipe = pipe
         self._guard = guard
         self._error = error
         self._queue: list[Call] = []
@@ -93,51 +90,25 @@ class Batcher:
                 call.future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        """The batch's commands written at once on one pooled connection, then every answer read:
-        a result or that command's own error each. A failure of the connection raises."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            results = await _exchange(conn, [call.command for call in batch])
-            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if again:  # first use on this node: EVAL sends the scripts and caches them
-                evals = [("EVAL", batch[i].source, *batch[i].command[2:]) for i in again]
-                for i, r in zip(again, await _exchange(conn, evals)):
-                    results[i] = r
-            return results
-        finally:
-            await pool.release(conn)
+        """The batch's commands written at once, then every answer read: a result or that
+        command's own error each. A failure of the connection raises."""
+        results = await self._exchange([call.command for call in batch])
+        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if again:  # first use on this node: EVAL sends the scripts and caches them
+            evals = [("EVAL", batch[i].source, *batch[i].command[2:]) for i in again]
+            for i, r in zip(again, await self._exchange(evals)):
+                results[i] = r
+        return results
 
-
-async def _exchange(conn: Any, commands: list[tuple]) -> list[Any]:
-    """Write ``commands`` in one go on ``conn`` and read one answer each, in order. A command
-    that cannot even be encoded is not sent: its result is its DataError."""
-    packed: list[bytes] = []
-    unsent: dict[int, Exception] = {}
-    for i, command in enumerate(commands):
-        try:
-            packed.append(_pack(conn, command))
-        except DataError as e:  # a caller's bad argument: its own error, not the batch's
-            unsent[i] = e
-    if packed:
-        await conn.send_packed_command(packed)
-    results: list[Any] = []
-    for i in range(len(commands)):
-        if i in unsent:
-            results.append(unsent[i])
-            continue
-        try:
-            results.append(await conn.read_response())
-        except ResponseError as e:  # this command's own error: the answers after it still follow
-            results.append(e)
-    return results
-
-
-def _pack(conn: Any, command: tuple) -> bytes:
-    """RESP for one command: hiredis' packer (C) when it takes every argument, else redis-py's."""
-    if _hiredis_pack is not None:
-        try:
-            return _hiredis_pack(command)
-        except TypeError:  # bytearray and the like; redis-py's packer knows them (or says why not)
-            pass
-    return b"".join(conn.pack_command(*command))
+    async def _exchange(self, commands: list[tuple]) -> list[Any]:
+        """``commands`` written in one go and one answer each, in order. A command that cannot
+        even be encoded is not sent: its result is its DataError."""
+        packed: list[bytes] = []
+        unsent: dict[int, Exception] = {}
+        for i, command in enumerate(commands):
+            try:
+                packed.append(pack(command))
+            except DataError as e:  # a caller's bad argument: its own error, not the batch's
+                unsent[i] = e
+        replies = iter(await self.pipe.exchange(packed) if packed else ())
+        return [unsent[i] if i in unsent else next(replies) for i in range(len(commands))]

@@ -59,6 +59,12 @@ async def test_password_and_db_in_the_url(tmp_path):
         await s.set("gw:x", b"1", ttl_s=60)
         with pytest.raises(StoreError):
             await wrong.ping()
+        # scripts and ranges go over the store's own connection (pipe.py): the same AUTH and db
+        assert await s.run_script("cache_read", ["gw:x"], [0, 0, b""])
+        assert await s.get_ranges("gw:x", [(0, 0)]) == [b"1"]
+        with pytest.raises(StoreError) as refused:
+            await wrong.run_script("cache_read", ["gw:x"], [0, 0, b""])
+        assert refused.value.down is True
         with server.client() as c:
             assert c.get("gw:x") is None  # db 0
             c.select(3)
@@ -172,4 +178,23 @@ async def test_callers_giving_up_on_a_paused_redis_leave_the_pool_whole(fresh_re
         fresh_redis_server.resume()
     assert await asyncio.gather(*(store.get(f"gw:{i}") for i in range(40))) == [None] * 40
     assert store.healthy
+    await store.close()
+
+
+async def test_answers_stay_in_order_after_callers_gave_up_on_a_paused_redis(fresh_redis_server):
+    """Callers whose patience ran out while their scripts were in flight leave replies that come
+    later on the shared connection: each of the next callers still gets its own answer."""
+    store = await connect(fresh_redis_server.url)
+    await store.set("gw:order:0", b"zero", ttl_s=60)
+    fresh_redis_server.pause()
+    try:
+        gave_up = await asyncio.gather(*(store.get_ranges(f"gw:order:{i}", [(0, -1)], timeout_s=0.05)
+                                         for i in range(3)), return_exceptions=True)
+        assert all(isinstance(e, StoreError) and e.down is False for e in gave_up)
+    finally:
+        fresh_redis_server.resume()
+    for i in range(1, 4):
+        await store.set(f"gw:order:{i}", str(i).encode(), ttl_s=60)
+    got = await asyncio.gather(*(store.get_ranges(f"gw:order:{i}", [(0, -1)]) for i in range(4)))
+    assert got == [[b"zero"], [b"1"], [b"2"], [b"3"]]
     await store.close()
