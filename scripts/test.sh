@@ -12,6 +12,7 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx)  # the fleet tier's load balancer
+command -v openssl >/dev/null || need+=(openssl)  # certificates for the TLS store test
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "installing system packages: ${need[*]}"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from functools import partial
 
 import pytest
 
@@ -9,7 +11,7 @@ from gateway.limits import ledger
 from gateway.limits.plan import limit_keys
 from gateway.store import StoreError, connect
 from tests.fixtures.gateway import wait_for
-from tests.fixtures.redis import RedisServer
+from tests.fixtures.redis import RedisServer, free_port
 
 
 async def test_get_set_delete_ping(store):
@@ -198,3 +200,41 @@ async def test_answers_stay_in_order_after_callers_gave_up_on_a_paused_redis(fre
     got = await asyncio.gather(*(store.get_ranges(f"gw:order:{i}", [(0, -1)]) for i in range(4)))
     assert got == [[b"zero"], [b"1"], [b"2"], [b"3"]]
     await store.close()
+
+
+def _certificates(directory) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1 it signed (openssl): (ca, cert, key) paths."""
+    ca, cert, key = (str(directory / name) for name in ("ca.crt", "server.crt", "server.key"))
+    run = partial(subprocess.run, check=True, capture_output=True, cwd=directory)
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", ca, "-days", "2",
+         "-subj", "/CN=gateway-test-ca"])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1"])
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", ca, "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", "ext.cnf"])
+    return ca, cert, key
+
+
+async def test_tls_in_the_url(tmp_path):
+    """rediss://: redis-py's commands, and the scripts and range reads on the store's own
+    connection, all over TLS, the server checked against the URL's CA; a server the client
+    cannot verify is a store that is down."""
+    ca, cert, key = _certificates(tmp_path)
+    tls_port = free_port()
+    server = RedisServer(tmp_path, extra=("--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                                          "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"))
+    server.start()
+    try:
+        s = await connect(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required")
+        await s.set("gw:tls", b"over tls", ttl_s=60)
+        assert await s.get_ranges("gw:tls", [(0, 3), (5, -1)]) == [b"over", b"tls"]
+        assert (await s.run_script("cache_read", ["gw:tls"], [0, -1, b""]))[0] == b"over tls"
+        untrusted = await connect(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required")  # no CA: not verified
+        with pytest.raises(StoreError) as refused:
+            await untrusted.run_script("cache_read", ["gw:tls"], [0, -1, b""])
+        assert refused.value.down is True
+        await s.close()
+        await untrusted.close()
+    finally:
+        server.kill()
