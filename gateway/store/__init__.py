@@ -325,6 +325,7 @@ class RedisStore:
     async def close(self) -> None:
         if self._batcher is not None:  # answer every caller queued or in flight first
             await self._batcher.drain()
+            self._batcher.pipe.close()
         try:
             await self.client.aclose()
         except _ERRORS:  # closing a dead connection is not news

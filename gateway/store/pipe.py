@@ -127,7 +127,7 @@ class Pipe:
         return [f.result() for f in futures]
 
     def close(self) -> None:
-        """Close the connection (failing what waits on it); the next batch connects afresh."""
+        """Close the connection (failing what still waits on it); a later batch connects afresh."""
         if self._protocol is not None:
             self._protocol.fail(RedisConnectionError("Connection to Redis closed by the gateway"))
             self._protocol = None

@@ -245,6 +245,7 @@ class FakeNode:
         self.send_error: Exception | None = None
         self.read_delay_s = 0.0
         self.sent = asyncio.Event()  # set once a pipeline was written
+        self.closed = False  # the store closed its connection
         self.answering = asyncio.Event()  # cleared: every answer waits until it is set again
         self.answering.set()
 
@@ -266,6 +267,9 @@ class FakePipe:
 
     def __init__(self, node: FakeNode):
         self.node = node
+
+    def close(self):
+        self.node.closed = True
 
     async def exchange(self, packed):
         if self.node.send_error is not None:
@@ -418,6 +422,7 @@ async def test_close_lets_the_pipelines_in_flight_answer():
     await node.sent.wait()  # in flight: written, not yet answered
     await s.close()
     assert pending.done() and pending.result() == ["a"]
+    assert node.closed  # and then its connection
 
 
 async def test_only_a_single_redis_node_is_pipelined():
