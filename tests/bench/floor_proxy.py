@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +32,7 @@ from gateway.upstream.secrets import KeyGuard
 from gateway.usage import Usage
 from gateway.validate import validate
 
+from .minimal_proxy import serve
 from .upstream import raise_nofile, use_uvloop
 
 PARTS = web.AppKey("parts", object)
@@ -88,22 +88,18 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def serve(config: Config, host: str, port: int) -> None:
-    configure_logging(config.logging)
+def make_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[PARTS] = parts = Parts(config)
+
+    async def opened(app: web.Application):
+        await parts.open()
+        yield
+        await parts.close()
+
+    app.cleanup_ctx.append(opened)
     app.router.add_post("/v1/chat/completions", forward)
-    await parts.open()
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=4096, reuse_address=True).start()
-    print(f"floor proxy listening on http://{host}:{runner.addresses[0][1]}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await parts.close()
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     raise_nofile()
     use_uvloop()
-    asyncio.run(serve(config_mod.load(args.config), args.host, args.port))
+    config = config_mod.load(args.config)
+    configure_logging(config.logging)
+    asyncio.run(serve(make_app(config), "floor proxy", args.host, args.port))
     return 0
 
 

@@ -48,11 +48,12 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-async def serve(upstream: str, host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(upstream), access_log=None)
+async def serve(app: web.Application, name: str, host: str, port: int) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM; print "<name> listening on <url>" once it listens."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=4096, reuse_address=True).start()
-    print(f"minimal proxy listening on http://{host}:{runner.addresses[0][1]}", flush=True)
+    print(f"{name} listening on http://{host}:{runner.addresses[0][1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     raise_nofile()
     use_uvloop()  # the same event loop the gateway uses when uvloop is installed
-    asyncio.run(serve(args.upstream, args.host, args.port))
+    asyncio.run(serve(make_app(args.upstream), "minimal proxy", args.host, args.port))
     return 0
 
 
