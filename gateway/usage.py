@@ -60,8 +60,9 @@ class Usage:
             details = {}
         prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
         image = _int(details.get("image_tokens"))
-        return cls(prompt, completion, image, _int(details.get("reasoning_tokens")), _int(details.get("audio_tokens")),
-                   images_in, images_out, cost_usd(prompt, completion, image, prices))
+        return cls(prompt=prompt, completion=completion, image=image, reasoning=_int(details.get("reasoning_tokens")),
+                   audio=_int(details.get("audio_tokens")), images_in=images_in, images_out=images_out,
+                   cost_usd=cost_usd(prompt, completion, image, prices))
 
 
 MAX_TOKENS = 10**9  # more than any one request uses; keeps the ledger's sums exact integers
