@@ -37,6 +37,7 @@ from gateway.http.files import image_links
 from gateway.http.record import Phase, RequestRecord
 from gateway.images.deliver import Links, rewrite_body
 from gateway.http.state import CACHE, LIMITER, METRICS, RECORD, RUNTIME, SNAPSHOT, UPSTREAM
+from gateway.limits.limiter import Admission
 from gateway.usage import Usage, estimate
 from gateway.validate import ChatRequest, validate_async
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
 UPSTREAM_FAILURES = (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable)
+SETTLE_FIRST_S = 1.0  # how long a JSON answer waits for its settle before it goes out anyway
 
 
 def max_event_bytes(max_entry_bytes: int) -> int:
@@ -68,6 +70,8 @@ class Served:
     sent: bool = False  # this call may have reached the provider (an Images request's record is n calls')
     upstream_s: float = 0.0  # this call's wait on the provider (an Images request's calls overlap)
     max_event: int = max_event_bytes(CacheConfig().max_entry_bytes)  # the team's: see max_event_bytes
+    admission: Admission | None = None  # to settle a JSON answer before it goes out (see _relay)
+    settling: asyncio.Future | None = None  # that settle, awaited before the request ends
 
     def mark_sent(self, rec: RequestRecord) -> None:
         """The upstream's on_sent: this call may now be billed, and so may the request."""
@@ -86,7 +90,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.stream = chat.stream
     async with admitting(request, team, chat) as (decision, deadline):
         admission = await app[LIMITER].admit(team, chat, deadline=deadline)
-    served = Served(deadline=deadline, links=links, max_event=max_event_bytes(team.cache.max_entry_bytes))
+    served = Served(deadline=deadline, links=links, max_event=max_event_bytes(team.cache.max_entry_bytes),
+                    admission=admission)
     with app[METRICS].inflight(rec.team):
         return await run(request, chat, decision, admission, served)
 
@@ -140,7 +145,10 @@ async def run(request: web.Request, chat: ChatRequest, decision, admission, serv
     finally:
         usage = served.usage = _final_usage(chat, served)
         rec.usage = charged(served)
-        await admission.settle(usage, cached=served.cached)  # shielded inside: runs to its end
+        if served.settling is not None:  # settled before its answer went out: let it end
+            await asyncio.shield(served.settling)
+        else:
+            await admission.settle(usage, cached=served.cached)  # shielded inside: runs to its end
 
 
 def charged(served: Served) -> Usage:
@@ -227,9 +235,15 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     else:
         if served.links is not None:
             body = await rewrite_body(body, answer, served.links)
+        if served.admission is not None:
+            # Settled before the answer goes out, so that the client's next request finds its slot
+            # free (max_concurrent) and its tokens counted; a store slower than SETTLE_FIRST_S
+            # delays the answer no longer (the settle goes on, and is retried if it fails).
+            served.settling = asyncio.ensure_future(served.admission.settle(served.usage))
+            await asyncio.wait([served.settling], timeout=SETTLE_FIRST_S)
         rec.first_byte()
-        # Written here, whole, before the cache entry, the settle and the cache put: a slow store
-        # delays no answer, and a shutdown cut-off never turns a paid answer into a 503.
+        # Written here, whole, before the cache entry and the cache put: a slow store delays no
+        # answer, and a shutdown cut-off never turns a paid answer into a 503.
         response = web.Response(body=sliced(body), content_type="application/json",
                                 headers={**upstream_headers, **headers})
         await _start(request, response, served)

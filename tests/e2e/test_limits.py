@@ -112,7 +112,7 @@ class Caller:
             return resp.status, resp.headers.copy(), orjson.loads(raw)
 
     async def get(self, path: str, key: str | None) -> tuple[int, dict]:
-        """A read after the gateway finished every request (a JSON answer comes before its settle)."""
+        """A read after the gateway finished every request (an answer comes before its metrics and access line)."""
         await self.gw.idle()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with self.http.get(self.gw.url + path, headers=headers) as resp:
@@ -300,6 +300,40 @@ async def test_a_huge_max_tokens_is_refused_before_anything_is_reserved(start_ga
         assert r.dbsize() == 0  # no bucket, lease, reservation or ledger entry
     status, headers, _ = await c.chat()
     assert status == 200 and headers["x-ratelimit-remaining-requests"] == "4"
+
+
+class SlowSettles:
+    """The embedded store, its settles each taking ``delay_s`` (a slow store, not a stalled one)."""
+
+    def __init__(self, store, delay_s: float) -> None:
+        self._store, self._delay_s = store, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def run_script(self, name, keys, args, **kw):
+        if name == "settle":
+            await asyncio.sleep(self._delay_s)  # the fault itself, not an ordering
+        return await self._store.run_script(name, keys, args, **kw)
+
+
+async def test_a_client_s_next_request_finds_its_slot_free_though_settles_are_slow(start_gateway, http):
+    """max_concurrent 1, one request after another, each on a new connection (as curl makes
+    them), each settle taking 0.3 s: every request finds the slot of the one before it free,
+    since a JSON answer goes out once its settle is done (for up to a second: a slower store
+    delays no answer longer). On one kept-alive connection aiohttp would hold the next request
+    until the last handler ended anyway."""
+    from gateway import store as store_mod
+
+    store = SlowSettles(await store_mod.connect("memory://"), 0.3)
+    gw = await start_gateway({"alpha": {"limits": {"max_concurrent": 1}}}, store_obj=store)
+    statuses = []
+    for _ in range(3):
+        async with http.post(gw.url + "/v1/chat/completions", json=body(),
+                             headers={**gw.headers("alpha"), "Connection": "close"}) as resp:
+            await resp.read()
+            statuses.append(resp.status)
+    assert statuses == [200] * 3
 
 
 # -- the usage endpoints ---------------------------------------------------------------------------
