@@ -214,9 +214,11 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
         chunk = await first_chunk(resp)
         response = web.StreamResponse(headers={**upstream_headers, **SSE_HEADERS, **headers})
         await _start(request, response, served)
-        await relay_sse(response, resp, chunk, rec, scanner, guard.stream(), links=served.links)
+        await relay_sse(response, resp, chunk, rec, scanner, guard.stream(), links=served.links,
+                        before_done=lambda: _settle_first(served, _usage(chat, scanner.usage, scanner.images_out)))
         await _finish(response, rec)
-        served.usage = _usage(chat, scanner.usage, scanner.images_out)
+        if served.usage is None:  # no [DONE]: the provider's error event ended it
+            served.usage = _usage(chat, scanner.usage, scanner.images_out)
         _note_finish(rec, scanner.native_finish_reason, scanner.finish_reason)
         if scanner.error is not None:  # the provider's final error event: a failed answer, never cached
             rec.error_code = provider_code(scanner.error.get("code"), guard, "upstream_error")
@@ -235,12 +237,7 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     else:
         if served.links is not None:
             body = await rewrite_body(body, answer, served.links)
-        if served.admission is not None:
-            # Settled before the answer goes out, so that the client's next request finds its slot
-            # free (max_concurrent) and its tokens counted; a store slower than SETTLE_FIRST_S
-            # delays the answer no longer (the settle goes on, and is retried if it fails).
-            served.settling = asyncio.ensure_future(served.admission.settle(served.usage))
-            await asyncio.wait([served.settling], timeout=SETTLE_FIRST_S)
+        await _settle_first(served, served.usage)
         rec.first_byte()
         # Written here, whole, before the cache entry and the cache put: a slow store delays no
         # answer, and a shutdown cut-off never turns a paid answer into a 503.
@@ -252,6 +249,17 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
     if decision.store:  # decoding the images is CPU work: off the loop when it is big
         entry = await offload.run(cache_mod.entry_from_answer, answer, size=size)
     return response, entry
+
+
+async def _settle_first(served: Served, usage: Usage) -> None:
+    """Settle before the answer's last bytes go out (a JSON body, a stream's ``[DONE]``), so that
+    the client's next request, on any connection or replica, finds its slot free (max_concurrent)
+    and its tokens counted. A store slower than SETTLE_FIRST_S delays the answer no longer: the
+    settle goes on (the request ends after it; a failed one is retried)."""
+    served.usage = usage
+    if served.admission is not None and served.settling is None:
+        served.settling = asyncio.ensure_future(served.admission.settle(usage, cached=served.cached))
+        await asyncio.wait([served.settling], timeout=SETTLE_FIRST_S)
 
 
 def _note_finish(rec: RequestRecord, native: str | None, finish: str | None) -> None:
@@ -284,6 +292,7 @@ async def _serve_hit(request, chat: ChatRequest, entry, age_s: float, headers: d
     else:
         response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         response.content_length = length
+    await _settle_first(served, saved)  # before its pieces: their last one may follow at once
     with rec.span("relay"):
         try:
             await _start(request, response, served)

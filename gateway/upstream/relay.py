@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -85,7 +86,8 @@ async def first_chunk(resp: UpstreamResponse) -> bytes:
 
 
 async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk: bytes, rec: RequestRecord,
-                    scanner: EventScanner, checker: StreamGuard, *, links: Links | None = None) -> None:
+                    scanner: EventScanner, checker: StreamGuard, *, links: Links | None = None,
+                    before_done: Callable[[], Awaitable[None]] | None = None) -> None:
     """Write the stream to the client as it comes, the scanner reading every event on the way.
 
     With ``links`` (the scanner must keep events whole) events are written one by one as they
@@ -97,28 +99,40 @@ async def relay_sse(response: web.StreamResponse, resp: UpstreamResponse, chunk:
     is the stream's final one, so nothing of ours follows it. Raises a ``GatewayError`` for
     anything else (a malformed event, a stall, a broken connection, an end before [DONE])."""
     while chunk:
-        await _pass(response, checker.clean(chunk), rec, scanner, links)
+        await _pass(response, checker.clean(chunk), rec, scanner, links, before_done)
         if scanner.error is not None:
             break
         chunk = await resp.readany()
-    await _pass(response, checker.flush(), rec, scanner, links)
+    await _pass(response, checker.flush(), rec, scanner, links, before_done)
     if not scanner.done and scanner.error is None:
         raise UpstreamBadResponse("The upstream stream ended before [DONE].")
 
 
 async def _pass(response: web.StreamResponse, data: bytes, rec: RequestRecord, scanner: EventScanner,
-                links: Links | None) -> None:
-    """Key-free bytes of the stream to the client and through the scanner: what the cache keeps
-    (the scanner's collector) is what the client was sent."""
-    if links is None:
-        await write_counted(response, data, rec)
-    for event in scanner.feed(data):
-        payload = event_data(event)
-        # Parsing a big event (and a cache collector decoding its image) is CPU work that
-        # would stall every other stream.
-        await offload.run(scanner.handle, payload, size=len(payload) if payload is not None else 0)
-        if links is not None:
-            await write_counted(response, await deliver.rewrite_event(event, links) + b"\n\n", rec)
+                links: Links | None, before_done: Callable[[], Awaitable[None]] | None) -> None:
+    """Key-free bytes of the stream through the scanner, then to the client: what the cache keeps
+    (the scanner's collector) is what the client was sent. The bytes that end the stream
+    (``[DONE]``) wait for ``before_done``."""
+    rewritten: list[bytes] = []  # links: the events as they go out
+
+    async def write() -> None:
+        for piece in rewritten if links is not None else (data,):
+            await write_counted(response, piece, rec)
+
+    try:
+        for event in scanner.feed(data):
+            payload = event_data(event)
+            # Parsing a big event (and a cache collector decoding its image) is CPU work that
+            # would stall every other stream.
+            await offload.run(scanner.handle, payload, size=len(payload) if payload is not None else 0)
+            if links is not None:
+                rewritten.append(await deliver.rewrite_event(event, links) + b"\n\n")
+        if scanner.done and before_done is not None:
+            await before_done()
+    except Exception:  # a malformed event: relayed as it came all the same, then the stream ends
+        await write()
+        raise
+    await write()
 
 
 async def write_counted(response: web.StreamResponse, data: bytes, rec: RequestRecord) -> None:

@@ -317,22 +317,24 @@ class SlowSettles:
         return await self._store.run_script(name, keys, args, **kw)
 
 
-async def test_a_client_s_next_request_finds_its_slot_free_though_settles_are_slow(start_gateway, http):
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_client_s_next_request_finds_its_slot_free_though_settles_are_slow(start_gateway, http, stream):
     """max_concurrent 1, one request after another, each on a new connection (as curl makes
     them), each settle taking 0.3 s: every request finds the slot of the one before it free,
-    since a JSON answer goes out once its settle is done (for up to a second: a slower store
-    delays no answer longer). On one kept-alive connection aiohttp would hold the next request
-    until the last handler ended anyway."""
+    since an answer's last bytes (a JSON body, a stream's [DONE]) go out once its settle is done
+    (for up to a second: a slower store delays no answer longer). On one kept-alive connection
+    aiohttp would hold the next request until the last handler ended anyway."""
     from gateway import store as store_mod
 
     store = SlowSettles(await store_mod.connect("memory://"), 0.3)
     gw = await start_gateway({"alpha": {"limits": {"max_concurrent": 1}}}, store_obj=store)
     statuses = []
     for _ in range(3):
-        async with http.post(gw.url + "/v1/chat/completions", json=body(),
+        async with http.post(gw.url + "/v1/chat/completions", json=body(stream=stream),
                              headers={**gw.headers("alpha"), "Connection": "close"}) as resp:
-            await resp.read()
+            data = await resp.read()
             statuses.append(resp.status)
+            assert not stream or data.endswith(b"data: [DONE]\n\n")
     assert statuses == [200] * 3
 
 
