@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_TYPES = ("application/json", "text/json")
 UPSTREAM_FAILURES = (UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable)
-SETTLE_FIRST_S = 1.0  # how long a JSON answer waits for its settle before it goes out anyway
+SETTLE_FIRST_S = 1.0  # how long an answer's last bytes wait for its settle before they go out anyway
 
 
 def max_event_bytes(max_entry_bytes: int) -> int:
@@ -70,7 +70,7 @@ class Served:
     sent: bool = False  # this call may have reached the provider (an Images request's record is n calls')
     upstream_s: float = 0.0  # this call's wait on the provider (an Images request's calls overlap)
     max_event: int = max_event_bytes(CacheConfig().max_entry_bytes)  # the team's: see max_event_bytes
-    admission: Admission | None = None  # to settle a JSON answer before it goes out (see _relay)
+    admission: Admission | None = None  # to settle before the answer's last bytes (see _settle_first)
     settling: asyncio.Future | None = None  # that settle, awaited before the request ends
 
     def mark_sent(self, rec: RequestRecord) -> None:
@@ -239,8 +239,8 @@ async def _relay(request, chat: ChatRequest, decision, headers: dict, served: Se
             body = await rewrite_body(body, answer, served.links)
         await _settle_first(served, served.usage)
         rec.first_byte()
-        # Written here, whole, before the cache entry and the cache put: a slow store delays no
-        # answer, and a shutdown cut-off never turns a paid answer into a 503.
+        # Written here, whole, before the cache entry and the cache put: a slow store delays the
+        # answer by SETTLE_FIRST_S at most, never by the entry's decoding and write.
         response = web.Response(body=sliced(body), content_type="application/json",
                                 headers={**upstream_headers, **headers})
         await _start(request, response, served)

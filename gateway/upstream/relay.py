@@ -68,11 +68,7 @@ async def read_json(resp: UpstreamResponse, guard: KeyGuard, *, image_data: bool
     Both run on the loop, not through ``offload``: the scan and the parse of a big answer are C
     calls that hold the GIL (memchr scans, 1 MB base64 slices), so a thread would stall the loop
     as long, plus the wait for the GIL to come back."""
-    body = await resp.read()
-    checker = guard.stream()
-    body, held = checker.clean(body), checker.flush()
-    if held:
-        body += held
+    body = guard.clean_whole(await resp.read())
     return body, answer.loads(body, image_data=image_data)
 
 

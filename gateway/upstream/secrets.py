@@ -152,8 +152,7 @@ class KeyGuard:
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            checker = self.stream()
-            scrubbed = (checker.clean(body) + checker.flush()).decode("utf-8", "surrogateescape")
+            scrubbed = self.clean_whole(body).decode("utf-8", "surrogateescape")
             return self.redact_text(scrubbed).encode("utf-8", "surrogateescape")
         return orjson.dumps(self._redact_value(parsed))
 
@@ -171,6 +170,12 @@ class KeyGuard:
     def stream(self) -> StreamGuard:
         """A checker for one response body, fed its chunks in order."""
         return StreamGuard(self)
+
+    def clean_whole(self, body: bytes) -> bytes:
+        """A whole body with the key replaced; no second copy when it holds none."""
+        checker = self.stream()
+        body, held = checker.clean(body), checker.flush()
+        return body + held if held else body
 
     def _matches(self, buf: bytes, odd_before: bool) -> list[tuple[int, int]]:
         """Non-overlapping spans of ``buf`` that spell the key, in order."""

@@ -72,9 +72,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     rec.model = chat.model.id
     admission = await parts.limiter.admit(team, chat)
     async with parts.session.post(parts.url, data=chat.raw, headers=parts.headers) as upstream:
-        body = await upstream.read()
-    checker = parts.guard.stream()  # the upstream key out of the answer
-    body = checker.clean(body) + checker.flush()
+        body = parts.guard.clean_whole(await upstream.read())  # the upstream key out of the answer
     parsed = answer.loads(body, image_data=False)
     usage = Usage.from_provider(parsed.usage, prices=chat.model.prices, images_out=parsed.images_out)
     response = web.Response(body=body, content_type="application/json", headers=admission.headers)
